@@ -1,0 +1,92 @@
+"""Process group set-up and the collectives the methods share.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (env://). NCCL on CUDA, gloo on CPU. Without
+torchrun (or with one process) there is no process group and every helper is the identity, so
+`python moco.py` and `torchrun --nproc_per_node=8 moco.py` run the same code.
+"""
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed():
+    """Returns (rank, world_size, local_rank, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                                timeout=timedelta(minutes=30),
+                                device_id=device if cuda else None)
+    return rank, world, local, device
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """(N, ...) on every rank -> (world * N, ...), rank order. No gradient flows back."""
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce(x, op="sum"):
+    """In-place all-reduce of a tensor ("sum" or "max"); identity at world size 1."""
+    if is_dist():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return x
+
+
+@torch.no_grad()
+def batch_shuffle(x):
+    """Shuffle-BN (MoCo): permute the global key batch across processes.
+
+    Returns this rank's slice of the permuted global batch and the index that undoes it. At
+    world size 1 the permutation is local; with split BN (common.models.SplitBatchNorm2d) it
+    still spreads every BN group's images over the whole batch.
+    """
+    n = x.shape[0]
+    x_all = concat_all_gather(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    if is_dist():
+        dist.broadcast(perm, src=0)  # every rank must use rank 0's permutation
+    unshuffle = torch.argsort(perm)
+    mine = perm.view(get_world_size(), n)[get_rank()]
+    return x_all[mine], unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle(x, unshuffle):
+    """Inverse of batch_shuffle for anything computed from the shuffled keys (pitfall P1)."""
+    n = x.shape[0]
+    x_all = concat_all_gather(x)
+    mine = unshuffle.view(get_world_size(), n)[get_rank()]
+    return x_all[mine]

@@ -1,0 +1,379 @@
+"""Training plumbing every pre-training script shares: flags, run set-up, schedules as functions
+of the global step, LARS, atomic checkpoints with exact resume, the epoch loop's bookkeeping
+(progress bar, log.jsonl, non-finite guard, pre-emption), and the backbone export.
+
+Exact resume rests on three rules: augmentation is seeded per sample from (seed, epoch, index)
+(common.data), the training step's own randomness (shuffle-BN permutations, ...) is seeded from
+(seed, epoch, step, rank) here, and everything else that changes is in the checkpoint.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common import data as cdata
+from common import dist as cdist
+from common.models import ARCHS
+
+
+def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
+    """The contract's flags (design.md). `batch_size` and `lr` are the paper's *global* batch and
+    its lr; the per-process batch defaults to global / world size and the lr is scaled linearly
+    with the global batch actually used."""
+    cdata.add_data_args(parser)
+    g = parser.add_argument_group("training")
+    g.add_argument("--output-dir", default=None, help="run folder (default runs/<script>)")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per process (default {batch_size} / number of processes, "
+                        f"i.e. the paper's global batch {batch_size})")
+    g.add_argument("--lr", type=float, default=lr,
+                   help=f"learning rate at global batch {batch_size}; scaled linearly")
+    g.add_argument("--weight-decay", type=float, default=weight_decay)
+    g.add_argument("--img-size", type=int, default=224)
+    g.add_argument("--arch", choices=ARCHS, default="resnet18")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    # For tests of pre-emption: behave as if SIGTERM arrived during this run's N-th step.
+    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(paper_batch=batch_size)
+    return g
+
+
+class Run:
+    """Per-run context: ranks, device, output folder, pre-emption flag, RNG per step."""
+
+    def __init__(self, args, script):
+        self.rank, self.world, self.local_rank, self.device = cdist.init_distributed()
+        self.main = self.rank == 0
+        self.cuda = self.device.type == "cuda"
+        args.output_dir = args.output_dir or os.path.join("runs", script)
+        if args.batch_size is None:
+            if args.paper_batch % self.world:
+                raise cdata.DataError(f"global batch {args.paper_batch} does not split over "
+                                      f"{self.world} processes; set --batch-size")
+            args.batch_size = args.paper_batch // self.world
+        self.global_batch = args.batch_size * self.world
+        args.scaled_lr = args.lr * self.global_batch / args.paper_batch
+        self.args, self.out = args, Path(args.output_dir)
+        if args.amp and not self.cuda:
+            self.print("note: --amp is CUDA-only; training in fp32 on the CPU")
+        self.amp = args.amp and self.cuda
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "args.json", json.dumps(vars(args), indent=2, default=str))
+        self.stop_signal, self.steps_this_run = None, 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._on_signal)
+        torch.manual_seed(cdata.sample_seed(args.seed, 2**31))  # model init: same on every rank
+
+    def _on_signal(self, signum, frame):
+        if self.stop_signal is not None:  # second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        self.print(f"\n{signal.Signals(signum).name}: checkpointing after this step "
+                   "(send again to abort at once)")
+
+    def print(self, *a, **kw):
+        if self.main:
+            print(*a, **kw, flush=True)
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def images(self, x):
+        return cdata.to_device(x, self.device, channels_last=self.cuda)
+
+    def wrap(self, model):
+        """DDP over the processes (identity at world size 1). Buffers such as queues are kept
+        identical by construction, so they are not re-broadcast every step."""
+        if self.cuda:
+            model = model.to(memory_format=torch.channels_last)
+        if self.world == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: pure functions of the global step, so resuming needs no scheduler state.
+
+def cosine_lr(base_lr, step, steps_per_epoch, epochs, warmup_epochs=0, per_epoch=True,
+              warmup_ratio=1e-4, min_lr=0.0):
+    """mmcv CosineAnnealing (per epoch by default, as the NCT configs) with a per-iteration
+    linear warm-up from warmup_ratio * lr."""
+    t = step // steps_per_epoch if per_epoch else step / steps_per_epoch
+    lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t / epochs))
+    warm = warmup_epochs * steps_per_epoch
+    if step < warm:
+        lr *= 1 - (1 - step / warm) * (1 - warmup_ratio)
+    return lr
+
+
+def step_lr(base_lr, step, steps_per_epoch, milestones, gamma=0.1):
+    epoch = step // steps_per_epoch
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def cosine_momentum(base_m, step, total_steps):
+    """BYOL's EMA schedule: base_m at step 0 rising to 1 at the last step."""
+    return 1 - (1 - base_m) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as the official SimCLR/BYOL code: update = lr * trust * (g + wd * w) with
+    trust = eta * ||w|| / ||g + wd * w||, then heavy-ball momentum. Groups with lars=False (all
+    1-D parameters: biases and norm layers, pitfall P11) get neither weight decay nor trust."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["lars"]:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                        g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(d)
+                else:
+                    buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def lars_param_groups(model, weight_decay):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [dict(params=decay, weight_decay=weight_decay, lars=True),
+            dict(params=plain, weight_decay=0.0, lars=False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+def atomic_write_text(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, fsync, rename: a crash leaves the old file."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def unwrap(model):
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def export_backbone(backbone, path):
+    """torchvision ResNet state_dict without fc: loads with strict=False missing only fc.*"""
+    sd = {k: v.detach().cpu().clone() for k, v in unwrap(backbone).state_dict().items()
+          if not k.startswith("fc.")}
+    atomic_save(sd, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and the epoch loop
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Trainer:
+    """Bookkeeping around the method's own loop: resume, per-step seeding, progress, the
+    non-finite guard, pre-emption at a safe point, checkpoints and the per-epoch log line.
+
+        trainer = Trainer(run, model, optimizer, loader, sampler, backbone_fn)
+        for epoch in trainer.epochs():
+            for step, batch in trainer.steps(epoch):
+                ...; trainer.check(loss, parts); backward; step; trainer.update(parts, lr)
+    """
+
+    def __init__(self, run, model, optimizer, loader, sampler, backbone, extra_log=None):
+        self.run, self.model, self.optimizer = run, model, optimizer
+        self.loader, self.sampler, self.backbone = loader, sampler, backbone
+        self.extra_log = extra_log or {}
+        self.steps_per_epoch = len(sampler) // loader.batch_size
+        self.epoch, self.step, self.sums, self.history = 0, 0, {}, []
+        self.ckpt_path = run.out / "checkpoint.pth"
+        self._resume()
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume(self):
+        run, args = self.run, self.run.args
+        if not self.ckpt_path.exists():
+            return
+        try:
+            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise cdata.DataError(f"cannot read {self.ckpt_path} ({e}); move it away to start "
+                                  "afresh") from None
+        for key in ("arch", "img_size", "epochs", "seed") + tuple(getattr(args, "resume_keys", ())):
+            old, new = ck["args"].get(key), getattr(args, key)
+            if old != new:
+                raise cdata.DataError(f"{self.ckpt_path} was written with --{key.replace('_', '-')}"
+                                      f" {old}, not {new}; use another --output-dir")
+        unwrap(self.model).load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.epoch, self.step, self.history = ck["epoch"], ck["step"], ck["history"]
+        self.sums = ck["sums"]
+        if self.step and ck["global_batch"] != run.global_batch:
+            run.print(f"note: global batch changed ({ck['global_batch']} -> {run.global_batch});"
+                      f" epoch {self.epoch} restarts from its first step")
+            self.step, self.sums = 0, {}
+        if run.main:  # log.jsonl = exactly the epochs the checkpoint has finished
+            atomic_write_text(run.out / "log.jsonl", "".join(json.dumps(h) + "\n"
+                                                             for h in self.history))
+        run.print(f"resumed from {self.ckpt_path}: epoch {self.epoch}, step {self.step}")
+
+    def save(self):
+        if self.run.main:
+            atomic_save({"model": unwrap(self.model).state_dict(),
+                         "optimizer": self.optimizer.state_dict(),
+                         "epoch": self.epoch, "step": self.step, "sums": self.sums,
+                         "history": self.history, "global_batch": self.run.global_batch,
+                         "args": vars(self.run.args)}, self.ckpt_path)
+        cdist.barrier()
+
+    # -- loop -----------------------------------------------------------------------------------
+    def epochs(self):
+        while self.epoch < self.run.args.epochs:
+            yield self.epoch
+            self._end_epoch()
+        if self.run.main:
+            export_backbone(self.backbone, self.run.out / "backbone.pth")
+        self.run.print(f"done: {self.run.out / 'backbone.pth'}")
+
+    def global_step(self):
+        return self.epoch * self.steps_per_epoch + self.step
+
+    def steps(self, epoch):
+        run, args = self.run, self.run.args
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(self.step * self.loader.batch_size)
+        self.loader.dataset.set_epoch(epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step, disable=not run.main,
+                   desc=f"epoch {epoch}", dynamic_ncols=True, leave=False, file=sys.stdout)
+        t_end = time.perf_counter()
+        for batch in self.loader:
+            t_data = time.perf_counter() - t_end
+            torch.manual_seed(cdata.sample_seed(args.seed, epoch, self.step, run.rank))
+            self._stop_now = False
+            yield self.step, batch
+            self.step += 1
+            run.steps_this_run += 1
+            dt = time.perf_counter() - t_end
+            t_end = time.perf_counter()
+            self._add({"img_per_s": run.global_batch / dt, "data_time": t_data, "time": dt,
+                       "skipped": float(batch["skipped"].sum())}, sum_only=True)
+            bar.update(1)
+            bar.set_postfix_str("  ".join(f"{k} {self.sums[k] / self.sums['n']:.4g}"
+                                          for k in ("loss", "lr", "img_per_s", "data_time")))
+            if self._stop_now:
+                bar.close()
+                self.save()
+                name = signal.Signals(run.stop_signal).name if run.stop_signal else "--stop-after-steps"
+                run.print(f"stopped by {name} at epoch {epoch} step {self.step}; checkpoint "
+                          f"saved to {self.ckpt_path}. Rerun the same command to resume.")
+                cdist.cleanup()
+                sys.exit(143 if run.stop_signal == signal.SIGTERM else 130 if run.stop_signal else 0)
+        bar.close()
+
+    def check(self, loss, parts):
+        """Before backward: agree across ranks on a non-finite loss and on pre-emption."""
+        run = self.run
+        stop = run.stop_signal is not None or (
+            run.args.stop_after_steps is not None and run.steps_this_run + 1 >= run.args.stop_after_steps)
+        flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop)],
+                             device=run.device)
+        cdist.all_reduce(flags, "max")
+        if flags[0]:
+            shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+            raise NonFiniteLoss(f"non-finite loss at epoch {self.epoch} step {self.step} ({shown});"
+                                f" {self.ckpt_path} holds the last good state")
+        self._stop_now = bool(flags[1])
+
+    def update(self, parts, lr):
+        """After the optimiser step: accumulate this step's numbers (python floats)."""
+        self._add({**{k: float(v) for k, v in parts.items()}, "lr": lr})
+
+    def _add(self, values, sum_only=False):
+        if not sum_only:
+            self.sums["n"] = self.sums.get("n", 0) + 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def _end_epoch(self):
+        run = self.run
+        n = self.sums.pop("n", 1)
+        totals = torch.tensor(list(self.sums.values()), dtype=torch.float64, device=run.device)
+        cdist.all_reduce(totals)
+        rec = {"epoch": self.epoch}
+        for (k, _), v in zip(self.sums.items(), totals.tolist()):
+            rec[k] = v if k == "skipped" else v / n / run.world
+        rec.update(self.extra_log)
+        self.history.append(rec)
+        self.epoch, self.step, self.sums = self.epoch + 1, 0, {}
+        self.save()  # checkpoint first: log.jsonl is rewritten from its history on resume
+        if run.main:
+            with open(run.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            export_backbone(self.backbone, run.out / "backbone.pth")
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch")
+            print(f"epoch {rec['epoch']}: {shown}", flush=True)
+            if rec.get("skipped"):
+                print(f"warning: {int(rec['skipped'])} unreadable images skipped this epoch",
+                      flush=True)
+
+
+def main_guard(main):
+    """Run main(); bad input and non-finite losses end with one clear line, not a traceback."""
+    try:
+        main()
+    except (cdata.DataError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, cdata.DataError) else 1)
+    except Exception as e:  # a DataError raised in a loader worker comes back re-wrapped
+        text = str(e)
+        if "DataError" in text:
+            line = [ln for ln in text.splitlines() if "DataError:" in ln][-1]
+            print(f"error: {line.split('DataError:', 1)[1].strip()}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
+    finally:
+        cdist.cleanup()
