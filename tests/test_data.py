@@ -1,0 +1,196 @@
+"""Dataset layouts, image decoding and view geometry on files generated in a temp dir."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from common import data as cdata
+
+
+def save(path, array, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def tile(value, size=32):
+    return np.full((size, size, 3), value, np.uint8)
+
+
+def args_for(data, root=None, **kw):
+    return argparse.Namespace(data=data, data_root=root, train_list=None, skip_bad=False,
+                              demo_size=12, seed=0, **kw)
+
+
+# ----------------------------------------------------------------------------- NCT layouts
+def test_nct_nested_zip_layouts_find_class_from_nearest_class_folder(tmp_path):
+    # the three nestings the official zips are known to produce (datasets.md 1)
+    save(tmp_path / "ADI" / "ADI-AAAFLCLY.tif", tile(10))
+    save(tmp_path / "NCT-CRC-HE-100K" / "NCT-CRC-HE-100K" / "TUM" / "TUM-AAAAAAAA.tif", tile(20))
+    save(tmp_path / "CRC-VAL-HE-7K" / "MUS" / "MUS-TCGA-BBBBBBBB.tif", tile(30))
+    save(tmp_path / "CRC-VAL-HE-7K" / "MUS" / "sub" / "MUS-TCGA-CCCCCCCC.png", tile(40))
+    save(tmp_path / "notes" / "README.png", tile(50))  # not under a class folder: ignored
+    ds = cdata.build_dataset(args_for("nct", str(tmp_path)))
+    got = sorted((p.split("/")[-1], ds.classes[y]) for p, y in zip(ds.paths, ds.targets))
+    assert got == [("ADI-AAAFLCLY.tif", "ADI"), ("MUS-TCGA-BBBBBBBB.tif", "MUS"),
+                   ("MUS-TCGA-CCCCCCCC.png", "MUS"), ("TUM-AAAAAAAA.tif", "TUM")]
+    assert ds.classes == list(cdata.NCT_CLASSES)
+    img, label = ds[ds.paths.index(next(p for p in ds.paths if "TUM-" in p))]
+    assert img.mode == "RGB" and np.asarray(img)[0, 0, 0] == 20 and ds.classes[label] == "TUM"
+
+
+def test_nct_train_list_crlf_with_labels_selects_in_list_order(tmp_path):
+    for name in ("ADI/ADI-A.tif", "TUM/TUM-B.tif", "TUM/TUM-C.tif"):
+        save(tmp_path / "NCT-CRC-HE-100K" / name, tile(1))
+    lst = tmp_path / "train.txt"
+    lst.write_bytes(b"TUM/TUM-C.tif 8\r\nADI/ADI-A.tif 1")  # ConCL's CRLF, no final newline
+    ds = cdata.nct_dataset(tmp_path, lst)
+    assert [p.split("/")[-1] for p in ds.paths] == ["TUM-C.tif", "ADI-A.tif"]
+    assert [ds.classes[y] for y in ds.targets] == ["TUM", "ADI"]
+    lst.write_text("TUM/TUM-C.tif\nSTR/STR-MISSING.tif\n")
+    with pytest.raises(cdata.DataError, match="1 of 2 entries not found.*STR/STR-MISSING.tif"):
+        cdata.nct_dataset(tmp_path, lst)
+
+
+def test_clear_errors_name_the_culprit(tmp_path):
+    with pytest.raises(cdata.DataError, match="does not exist"):
+        cdata.build_dataset(args_for("nct", str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(cdata.DataError, match=f"no images .* under {tmp_path / 'empty'}"):
+        cdata.build_dataset(args_for("folder", str(tmp_path / "empty")))
+    save(tmp_path / "other" / "cats" / "a.png", tile(1))
+    with pytest.raises(cdata.DataError, match="no image under .*other.*NCT class"):
+        cdata.build_dataset(args_for("nct", str(tmp_path / "other")))
+    with pytest.raises(cdata.DataError, match="needs --data-root"):
+        cdata.build_dataset(args_for("folder", None))
+
+
+def test_folder_dataset_recursive_with_first_level_classes(tmp_path):
+    save(tmp_path / "a" / "deep" / "x.jpg", tile(1))
+    save(tmp_path / "b" / "y.bmp", tile(2))
+    save(tmp_path / "z.tiff", tile(3))
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = cdata.folder_dataset(tmp_path)
+    assert ds.classes == ["a", "b"]
+    assert sorted((p.split("/")[-1], y) for p, y in zip(ds.paths, ds.targets)) == \
+        [("x.jpg", 0), ("y.bmp", 1), ("z.tiff", -1)]
+
+
+# ----------------------------------------------------------------------------- decoding
+def test_rgba_composites_over_white(tmp_path):
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[..., :3] = (200, 10, 30)
+    a[0, :, 3] = 255   # opaque row keeps its colour
+    a[1:, :, 3] = 0    # transparent rows become white
+    img = np.asarray(cdata.read_rgb(save(tmp_path / "rgba.png", a)))
+    assert img.shape == (4, 4, 3)
+    assert img[0, 0].tolist() == [200, 10, 30] and img[2, 2].tolist() == [255, 255, 255]
+
+
+def test_16bit_grey_png_and_rgb_tiff_scale_to_8bit(tmp_path):
+    grey = np.array([[0, 257 * 100], [65535, 257 * 7]], np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    img = np.asarray(cdata.read_rgb(tmp_path / "g16.png"))
+    assert img.dtype == np.uint8 and img[..., 0].tolist() == [[0, 100], [255, 7]]
+    assert (img[..., 0] == img[..., 2]).all()
+    import tifffile  # ships with scikit-image
+    rgb = np.zeros((2, 2, 3), np.uint16)
+    rgb[0, 0] = (65535, 257 * 50, 0)
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb)
+    img = np.asarray(cdata.read_rgb(tmp_path / "rgb16.tif"))
+    assert img[0, 0].tolist() == [255, 50, 0] and img[1, 1].tolist() == [0, 0, 0]
+
+
+def test_grey_8bit_becomes_rgb(tmp_path):
+    Image.fromarray(np.full((3, 3), 77, np.uint8)).save(tmp_path / "g.png")
+    assert np.asarray(cdata.read_rgb(tmp_path / "g.png"))[1, 1].tolist() == [77, 77, 77]
+
+
+def test_corrupt_image_error_and_skip_bad(tmp_path):
+    good = [save(tmp_path / f"{i}.png", tile(10 * i)) for i in range(3)]
+    bad = tmp_path / "1.png"
+    bad.write_bytes(good[0].read_bytes()[:40])  # truncated PNG
+    with pytest.raises(cdata.DataError, match=f"unreadable image {bad}"):
+        cdata.read_rgb(bad)
+    ds = cdata.ImageList(good, [0, 1, 2], ["x"], skip_bad=False)
+    with pytest.raises(cdata.DataError):
+        ds.load(1)
+    ds.skip_bad = True
+    img, label, skipped = ds.load(1)  # falls through to the next readable image, counted
+    assert (label, skipped, np.asarray(img)[0, 0, 0]) == (2, 1, 20)
+
+
+def test_real_nct_and_glas_samples_decode(shared_samples):
+    for p in sorted((shared_samples / "nct_crc_he").glob("*.[tp][in][fg]")):
+        img = cdata.read_rgb(p)
+        assert img.size == (224, 224) and img.mode == "RGB"
+        assert 30 < np.asarray(img).mean() < 250
+    img = cdata.read_rgb(shared_samples / "glas_images_only" / "train_1.bmp")
+    assert img.size == (775, 522)
+
+
+# ----------------------------------------------------------------------------- views
+def coordinate_image(w=200, h=150):
+    """R = x, G = y: every pixel says where it came from."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = np.arange(w)[None, :]
+    a[..., 1] = np.arange(h)[:, None]
+    return Image.fromarray(a)
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_view_box_and_flip_describe_the_pixels(flip_p):
+    img, s = coordinate_image(), 50
+    view = cdata.View(s, scale=(0.1, 0.6), flip_p=flip_p, interpolation=Image.NEAREST)
+    torch.manual_seed(0)
+    for _ in range(20):
+        x, box, flipped = view(img)
+        x0, y0, x1, y1 = box.tolist()
+        assert flipped == bool(flip_p)
+        assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 150
+        assert 0.1 * 200 * 150 * 0.999 <= (x1 - x0) * (y1 - y0) <= 0.6 * 200 * 150 * 1.001
+        u = np.arange(s)
+        src_x = x0 + (u + 0.5) * (x1 - x0) / s       # nearest sample of output column u
+        if flipped:
+            src_x = src_x[::-1]
+        src_y = y0 + (u + 0.5) * (y1 - y0) / s
+        assert np.abs(x[0, 0].numpy() - src_x).max() <= 1.0
+        assert np.abs(x[1, :, 0].numpy() - src_y).max() <= 1.0
+
+
+def test_multiview_is_a_function_of_seed_epoch_index():
+    base = [(coordinate_image(), 0)] * 6
+    view = cdata.View(32, scale=(0.2, 1.0), photometric=T.ColorJitter(0.4, 0.4, 0.4, 0.1))
+    ds = cdata.MultiViewDataset(base, [view, view], seed=5)
+    a = ds[3]
+    torch.manual_seed(123)  # global RNG state must not matter ...
+    b = ds[3]
+    assert torch.equal(a["views"][0], b["views"][0]) and torch.equal(a["boxes"][1], b["boxes"][1])
+    assert not torch.equal(a["views"][0], a["views"][1])  # ... the two views differ
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3]["boxes"][0], a["boxes"][0])  # a new epoch, new crops
+    ds.set_epoch(0)
+    one = [b["boxes"][0] for b in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0)]
+    two = [b["boxes"][0] for b in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)]
+    assert all(torch.equal(x, y) for x, y in zip(one, two))  # any number of workers
+
+
+def test_resumable_sampler_continues_the_same_order():
+    ds = list(range(20))
+    full = cdata.ResumableSampler(ds, num_replicas=2, rank=1, seed=3)
+    full.set_epoch(4)
+    order = list(full)
+    assert len(order) == 10 and len(set(order)) == 10
+    part = cdata.ResumableSampler(ds, num_replicas=2, rank=1, seed=3)
+    part.set_epoch(4)
+    part.set_start(6)
+    assert list(part) == order[6:] and len(part) == 4
+
+
+def test_to_device_matches_torchvision_normalize():
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    ref = T.Normalize(cdata.IMAGENET_MEAN, cdata.IMAGENET_STD)(x.float() / 255)
+    torch.testing.assert_close(cdata.to_device(x, torch.device("cpu")), ref)
