@@ -23,7 +23,7 @@ def resnet(arch):
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training statistics come from `num_splits` equal chunks of the batch.
+    """BatchNorm whose training statistics come from `num_splits` groups of the batch.
 
     One process with batch 256 and 8 splits normalises exactly like 8 GPUs with 32 images each,
     which is what MoCo's shuffle-BN assumes (methods.md D8; the official single-GPU demo,
@@ -44,7 +44,9 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if n % g:
             raise ValueError(f"batch of {n} does not split into {g} BN groups (--bn-splits)")
         rm, rv = self.running_mean.repeat(g), self.running_var.repeat(g)
-        # (n, c) -> (n/g, g*c): each chunk becomes its own set of channels.
+        # (n, c) -> (n/g, g*c): image i lands in channel block i % g, so group j holds images
+        # j, j+g, j+2g, ... . Any fixed partition serves (the sampler already shuffles), and this
+        # one needs no copy.
         y = F.batch_norm(x.reshape(n // g, c * g, h, w), rm, rv,
                          self.weight.repeat(g), self.bias.repeat(g),
                          True, self.momentum, self.eps).reshape(n, c, h, w)
