@@ -7,8 +7,7 @@ keeps float conversion and normalisation off the CPU workers and sends a quarter
 Augmentation is per sample and seeded from (seed, epoch, index): a sample looks the same in any
 worker, with any number of workers, and after a resume in the middle of an epoch.
 """
-import argparse
-import os
+import signal
 import sys
 from pathlib import Path
 
@@ -317,6 +316,13 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
+def _worker_init(_):
+    # A scheduler's SIGTERM (or Ctrl-C) reaches the whole process group. The main process
+    # checkpoints after the current step and needs its workers alive until then.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def pretrain_loader(dataset, batch_size, workers, seed, device):
     world, rank = cdist.get_world_size(), cdist.get_rank()
     if len(dataset) < batch_size * world:
@@ -326,6 +332,7 @@ def pretrain_loader(dataset, batch_size, workers, seed, device):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
+        worker_init_fn=_worker_init,
         prefetch_factor=4 if workers > 0 else None)
     return loader, sampler
 
