@@ -90,3 +90,30 @@ def batch_unshuffle(x, unshuffle):
     x_all = concat_all_gather(x)
     mine = unshuffle.view(get_world_size(), n)[get_rank()]
     return x_all[mine]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks before slicing, so a
+    loss computed on local anchors against gathered candidates gets every rank's contribution
+    (pitfall P3: a backward that returns only the local slice loses them)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x):
+    """(N, ...) on every rank -> (world * N, ...) with gradients flowing back to every rank.
+
+    Under DDP, which averages gradients over ranks, scale a loss built on it by the world size
+    (or compute it as a sum over the global batch) to get the gradient of the global loss."""
+    return _GatherWithGrad.apply(x) if is_dist() else x
