@@ -114,6 +114,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x):
     """(N, ...) on every rank -> (world * N, ...) with gradients flowing back to every rank.
 
-    Under DDP, which averages gradients over ranks, scale a loss built on it by the world size
-    (or compute it as a sum over the global batch) to get the gradient of the global loss."""
+    Each rank's backward receives the gradient of the *sum* of all ranks' losses; DDP then
+    averages over ranks, so a per-rank mean over local anchors trains with exactly the gradient
+    of the mean over the global batch."""
     return _GatherWithGrad.apply(x) if is_dist() else x
