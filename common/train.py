@@ -97,6 +97,14 @@ class Run:
     def images(self, x):
         return cdata.to_device(x, self.device, channels_last=self.cuda)
 
+    def sync_bn(self, model):
+        """Cross-process BN for the methods whose recipe uses it (SimCLR, BYOL, DetCon, ...).
+        nn.SyncBatchNorm exists only for CUDA; on one process plain BN already sees the whole
+        batch, and on CPU (tests) per-process BN is the best there is."""
+        if self.cuda and self.world > 1:
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
     def wrap(self, model):
         """DDP over the processes (identity at world size 1). Buffers such as queues are kept
         identical by construction, so they are not re-broadcast every step."""
