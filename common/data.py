@@ -7,6 +7,8 @@ keeps float conversion and normalisation off the CPU workers and sends a quarter
 Augmentation is per sample and seeded from (seed, epoch, index): a sample looks the same in any
 worker, with any number of workers, and after a resume in the middle of an epoch.
 """
+import atexit
+import multiprocessing
 import signal
 import sys
 from pathlib import Path
@@ -290,11 +292,18 @@ class MultiViewDataset(torch.utils.data.Dataset):
             img, label, skipped = self.base.load(i)
         else:
             (img, label), skipped = self.base[i], 0
+        sample = self.augment(img, i)
+        sample.update(label=label, index=i, skipped=skipped)
+        return sample
+
+    def augment(self, img, i):
+        """The views of one image; methods that need more per sample (a reference view, masks)
+        extend this in their own file."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             out = [v(img) for v in self.views]
         return {"views": [o[0] for o in out], "boxes": [o[1] for o in out],
-                "flips": [o[2] for o in out], "label": label, "index": i, "skipped": skipped}
+                "flips": [o[2] for o in out]}
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -321,6 +330,16 @@ def _worker_init(_):
     # checkpoints after the current step and needs its workers alive until then.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers():
+    # Workers ignore SIGTERM (above), so multiprocessing's own exit hook, which terminates and
+    # then joins daemonic children, would wait forever when the process leaves on an error.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
 
 
 def pretrain_loader(dataset, batch_size, workers, seed, device):

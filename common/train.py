@@ -73,12 +73,14 @@ class Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "args.json", json.dumps(vars(args), indent=2, default=str))
-        self.stop_signal, self.steps_this_run = None, 0
+        self.stop_signal, self.steps_this_run, self.in_loop = None, 0, False
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
         torch.manual_seed(cdata.sample_seed(args.seed, 2**31))  # model init: same on every rank
 
     def _on_signal(self, signum, frame):
+        if not self.in_loop:  # nothing to save yet (or already saved): leave now
+            sys.exit(128 + signum)
         if self.stop_signal is not None:  # second Ctrl-C: leave now
             raise KeyboardInterrupt
         self.stop_signal = signum
@@ -298,6 +300,7 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, disable=not run.main,
                    desc=f"epoch {epoch}", dynamic_ncols=True, leave=False, file=sys.stdout)
         t_end = time.perf_counter()
+        run.in_loop = True
         for batch in self.loader:
             t_data = time.perf_counter() - t_end
             torch.manual_seed(cdata.sample_seed(args.seed, epoch, self.step, run.rank))
@@ -314,6 +317,7 @@ class Trainer:
                                           for k in ("loss", "lr", "img_per_s", "data_time")))
             if self._stop_now:
                 bar.close()
+                run.in_loop = False
                 self.save()
                 name = signal.Signals(run.stop_signal).name if run.stop_signal else "--stop-after-steps"
                 run.print(f"stopped by {name} at epoch {epoch} step {self.step}; checkpoint "
@@ -321,6 +325,7 @@ class Trainer:
                 cdist.cleanup()
                 sys.exit(143 if run.stop_signal == signal.SIGTERM else 130 if run.stop_signal else 0)
         bar.close()
+        run.in_loop = False
 
     def check(self, loss, parts):
         """Before backward: agree across ranks on a non-finite loss and on pre-emption."""
@@ -374,14 +379,19 @@ def main_guard(main):
     try:
         main()
     except (cdata.DataError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {_last_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, cdata.DataError) else 1)
-    except Exception as e:  # a DataError raised in a loader worker comes back re-wrapped
-        text = str(e)
-        if "DataError" in text:
-            line = [ln for ln in text.splitlines() if "DataError:" in ln][-1]
-            print(f"error: {line.split('DataError:', 1)[1].strip()}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        raise
+    except Exception as e:  # noqa: BLE001 - a loader worker's DataError may come back re-wrapped
+        if "DataError:" not in str(e):
+            raise
+        print(f"error: {_last_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         cdist.cleanup()
+
+
+def _last_line(e):
+    """A DataError raised in a loader worker reaches the main process wrapped with the worker's
+    traceback; its own message is the text after the last 'DataError:'."""
+    text = str(e)
+    return text.rsplit("DataError:", 1)[1].strip() if "Original Traceback" in text else text

@@ -1,0 +1,218 @@
+"""ConCL's pieces against brute force and known geometry, and its runs end to end."""
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import concl
+from common.masks import grid_labels, kmeans
+from tests.conftest import run_script
+
+
+# ----------------------------------------------------------------------------- geometry
+def block_map(h=224, w=224, block=28):
+    """A full-tile label map of square blocks with distinct ids."""
+    yy, xx = np.mgrid[:h, :w]
+    return (yy // block) * (w // block) + xx // block
+
+
+def majority_per_cell(full, box, size):
+    """Brute force: the most common id of the full-resolution map in each view cell."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    crop = full[y0:y1, x0:x1]
+    ch, cw = crop.shape[0] // size, crop.shape[1] // size
+    out = np.empty((size, size), np.int64)
+    for i in range(size):
+        for j in range(size):
+            cell = crop[i * ch:(i + 1) * ch, j * cw:(j + 1) * cw]
+            out[i, j] = np.bincount(cell.ravel()).argmax()
+    return out
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_view_masks_equals_direct_crop_on_aligned_boxes(flip):
+    full = block_map()
+    # union box 0..224 seen at R=56 (4 px per ref cell); a view whose 7 cells are 16 px wide
+    ref_box = torch.tensor([[0.0, 0.0, 224.0, 224.0]])
+    ref = torch.from_numpy(full[2::4, 2::4].copy()).unsqueeze(0)           # nearest to 56x56
+    view_box = torch.tensor([[56.0, 112.0, 168.0, 224.0]])
+    got = concl.view_masks(ref, ref_box, view_box, torch.tensor([flip]), 7)[0].numpy()
+    expected = majority_per_cell(full, view_box[0], 7)
+    np.testing.assert_array_equal(got, expected[:, ::-1] if flip else expected)
+
+
+def test_view_masks_on_random_boxes_agrees_with_brute_force():
+    torch.manual_seed(0)
+    full = block_map(block=32)
+    agree, total = 0, 0
+    for _ in range(40):
+        v = []
+        for _ in range(2):  # two random 7-divisible crops, as the views of one sample
+            s = int(torch.randint(8, 32, ()).item()) * 7
+            x0, y0 = (int(torch.randint(0, 224 - s + 1, ())) for _ in range(2))
+            v.append(torch.tensor([x0, y0, x0 + s, y0 + s], dtype=torch.float32))
+        ref_box = concl.union_box(v)
+        x0, y0, x1, y1 = ref_box.int().tolist()
+        ref = torch.from_numpy(np.asarray(Image.fromarray(full[y0:y1, x0:x1].astype(np.int32))
+                                          .resize((14, 14), Image.NEAREST))).long()
+        flip = bool(torch.rand(()) < 0.5)
+        got = concl.view_masks(ref[None], ref_box[None], v[1][None], torch.tensor([flip]), 7)[0]
+        expected = majority_per_cell(full, v[1], 7)
+        expected = expected[:, ::-1] if flip else expected
+        agree += int((got.numpy() == expected).sum())
+        total += 49
+    assert agree / total > 0.85  # only cells on block borders may differ (14x14 reference)
+
+
+def test_union_box_and_grid():
+    boxes = [torch.tensor([10.0, 20.0, 50.0, 60.0]), torch.tensor([30.0, 5.0, 90.0, 40.0])]
+    assert concl.union_box(boxes).tolist() == [10, 5, 90, 60]
+    g = grid_labels(14, 5)
+    assert g.unique().tolist() == list(range(25)) and g[0, 0] == 0 and g[13, 13] == 24
+    assert g[0, 3] == 1 and g[3, 0] == 5  # cell id = row * 5 + col
+
+
+def test_crop_labels_renumbers_by_area_and_caps():
+    full = np.zeros((100, 100), np.int64)
+    full[:, 60:] = 7     # 40% of the crop
+    full[:10, :10] = 3   # 1% of the crop
+    out = concl.crop_labels(full, torch.tensor([0.0, 0.0, 100.0, 100.0]), 20, max_concepts=2)
+    assert out[10, 0] == 0 and out[10, 19] == 1 and out[0, 0] == -1  # area order, capped
+
+
+# ----------------------------------------------------------------------------- k-means
+def test_kmeans_recovers_separated_clusters_and_reseeds():
+    torch.manual_seed(0)
+    B, N, D, K = 6, 196, 32, 8
+    centres = torch.nn.functional.normalize(torch.randn(B, K, D), dim=-1)
+    truth = torch.arange(N).repeat(B, 1) % K
+    x = centres.gather(1, truth[..., None].expand(B, N, D)) + 0.05 * torch.randn(B, N, D)
+    labels = kmeans(x, K)
+    for b in range(B):  # a bijection between found and true clusters
+        pairs = set(zip(labels[b].tolist(), truth[b].tolist()))
+        assert len(pairs) == K and len({p for p, _ in pairs}) == K
+    # fewer distinct points than clusters: every point still gets a valid label, k capped at N
+    tiny = torch.randn(2, 3, 4)
+    assert kmeans(tiny, 8).shape == (2, 3) and kmeans(tiny, 8).max() < 3
+
+
+# ----------------------------------------------------------------------------- pooling
+def test_shared_prototypes_against_brute_force():
+    torch.manual_seed(1)
+    B, C, S = 3, 5, 9
+    fq, fk = torch.randn(B, C, S), torch.randn(B, C, S)
+    lq = torch.randint(-1, 4, (B, S))
+    lk = torch.randint(-1, 4, (B, S))
+    pq, pk, img = concl.shared_prototypes(fq, fk, lq, lk)
+    exp_q, exp_k, exp_img = [], [], []
+    for b in range(B):
+        for c in range(4):
+            if (lq[b] == c).any() and (lk[b] == c).any():
+                exp_q.append(fq[b][:, lq[b] == c].mean(1))
+                exp_k.append(fk[b][:, lk[b] == c].mean(1))
+                exp_img.append(b)
+    torch.testing.assert_close(pq, torch.stack(exp_q))
+    torch.testing.assert_close(pk, torch.stack(exp_k))
+    assert img.tolist() == exp_img
+
+
+def test_fixed_count_keeps_real_keys_only():
+    keys = torch.arange(5.0).unsqueeze(1)
+    out = concl.fixed_count(keys, 12)
+    assert out.shape == (12, 1) and set(out.flatten().tolist()) == set(range(5))
+    assert out[:5].flatten().tolist() == list(range(5))  # every real key kept, then duplicates
+    out = concl.fixed_count(torch.arange(20.0).unsqueeze(1), 8)
+    assert len(set(out.flatten().tolist())) == 8        # a subset without replacement
+
+
+def concl_args(**kw):
+    a = dict(arch="resnet18", dim=16, queue_size=32, moco_m=0.999, temperature=0.2, bn_splits=1,
+             concept="grid", grid_size=1, num_concepts=8, cluster_stage=4, img_size=64,
+             concept_weight=1.0, official_key_order=False, concept_ids=1)
+    a.update(kw)
+    return types.SimpleNamespace(**a)
+
+
+def test_single_global_concept_reduces_to_moco_v2_loss():
+    # One concept covering every cell: its masked average pool is the global average pool, so
+    # the concept embedding is MoCo v2's q (and k); with the concept queue equal to the instance
+    # queue the concept loss must equal the instance loss of the same step.
+    torch.manual_seed(0)
+    model = concl.ConCL(concl_args())
+    model.concept_queue.copy_(model.queue)
+    x = torch.randn(4, 3, 64, 64)
+    boxes = [torch.tensor([[0.0, 0, 40, 40]] * 4), torch.tensor([[20.0, 20, 64, 64]] * 4)]
+    batch = {"boxes": boxes, "flips": [torch.zeros(4, dtype=torch.bool)] * 2,
+             "ref_box": torch.tensor([[0.0, 0, 64, 64]] * 4)}
+    loss, parts = model(x, x.flip(3), batch, None, concepts=True)
+    assert parts["n_concepts"] == 1.0
+    torch.testing.assert_close(parts["loss_concept"], parts["loss_instance"])
+    torch.testing.assert_close(loss, parts["loss_concept"])
+    model.args.concept_weight = 0.0  # lambda 0: the total is the instance loss alone
+    model.concept_queue.copy_(model.queue)
+    loss, parts = model(x, x.flip(3), batch, None, concepts=True)
+    torch.testing.assert_close(loss, parts["loss_instance"])
+
+
+# ----------------------------------------------------------------------------- runs
+TINY = ["--data", "demo", "--demo-size", "16", "--batch-size", "8", "--img-size", "64",
+        "--queue-size", "64", "--workers", "1", "--epochs", "2", "--warmup-epochs", "1"]
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("concept", ["kmeans", "grid", "fh"])
+def test_each_concept_source_trains(tmp_path, concept):
+    run_script("concl.py", *TINY, "--concept", concept, "--vis-every", "2",
+               "--output-dir", tmp_path)
+    rows = log(tmp_path)
+    assert "loss_concept" not in rows[0] and rows[1]["n_concepts"] > 0
+    assert rows[1]["loss"] == pytest.approx(rows[1]["loss_concept"])  # lambda = 1
+    png = Image.open(tmp_path / "concepts_epoch001.png")
+    assert png.size == (4 * 64, 8 * 64)
+    if concept == "fh":
+        assert len(list((tmp_path / "masks").rglob("*.png"))) == 16  # FH computed once per tile
+
+
+def test_file_concepts_from_a_mask_folder(tmp_path):
+    imgs, masks = tmp_path / "imgs", tmp_path / "masks"
+    imgs.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(imgs / f"t{i}.png")
+        m = np.zeros((96, 96), np.uint8)
+        m[:, 48:] = 255  # a binary "saliency" mask, as BASNet gives
+        Image.fromarray(m).save(masks / f"t{i}.png")
+    run_script("concl.py", *TINY[4:], "--data", "folder", "--data-root", imgs, "--concept",
+               "file", "--concept-dir", masks, "--output-dir", tmp_path / "out")
+    assert log(tmp_path / "out")[1]["n_concepts"] > 0
+    (masks / "t3.png").unlink()
+    p = run_script("concl.py", *TINY[4:], "--data", "folder", "--data-root", imgs, "--concept",
+                   "file", "--concept-dir", masks, "--output-dir", tmp_path / "o2", check=False)
+    assert p.returncode == 2 and "t3.png" in p.stderr.strip().splitlines()[-1]
+
+
+def test_two_processes_and_resume_across_warmup(tmp_path):
+    two = ["concl.py", *TINY, "--batch-size", "4", "--epochs", "3"]
+    ref = tmp_path / "ref"
+    run_script(*two, "--output-dir", ref, nproc=2)
+    assert log(ref)[2]["n_concepts"] > 0
+    cut = tmp_path / "cut"  # stop inside the warm-up epoch, resume through the switch
+    run_script(*two, "--output-dir", cut, "--stop-after-steps", "1", nproc=2)
+    run_script(*two, "--output-dir", cut, nproc=2)
+    a = torch.load(ref / "backbone.pth")
+    b = torch.load(cut / "backbone.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_show_concepts_on_a_trained_checkpoint(tmp_path):
+    run_script("concl.py", *TINY, "--epochs", "1", "--output-dir", tmp_path)
+    p = run_script("concl.py", *TINY, "--epochs", "1", "--output-dir", tmp_path,
+                   "--show-concepts", "3")
+    assert "concepts.png" in p.stdout
+    assert Image.open(tmp_path / "concepts.png").size == (4 * 64, 3 * 64)
