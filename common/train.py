@@ -72,7 +72,6 @@ class Run:
             torch.backends.cudnn.benchmark = True
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "args.json", json.dumps(vars(args), indent=2, default=str))
         self.stop_signal, self.steps_this_run, self.in_loop = None, 0, False
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
@@ -242,6 +241,8 @@ class Trainer:
         self.epoch, self.step, self.sums, self.history = 0, 0, {}, []
         self.ckpt_path = run.out / "checkpoint.pth"
         self._resume()
+        if run.main:  # now that the script has derived everything (scaled lr, BN groups, ...)
+            atomic_write_text(run.out / "args.json", json.dumps(vars(run.args), indent=2, default=str))
 
     # -- resume ---------------------------------------------------------------------------------
     def _resume(self):

@@ -57,7 +57,7 @@ def test_view_masks_on_random_boxes_agrees_with_brute_force():
         ref_box = concl.union_box(v)
         x0, y0, x1, y1 = ref_box.int().tolist()
         ref = torch.from_numpy(np.asarray(Image.fromarray(full[y0:y1, x0:x1].astype(np.int32))
-                                          .resize((14, 14), Image.NEAREST))).long()
+                                          .resize((14, 14), Image.NEAREST)).copy()).long()
         flip = bool(torch.rand(()) < 0.5)
         got = concl.view_masks(ref[None], ref_box[None], v[1][None], torch.tensor([flip]), 7)[0]
         expected = majority_per_cell(full, v[1], 7)

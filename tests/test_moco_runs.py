@@ -1,6 +1,7 @@
 """moco.py end to end as a user runs it: demo data, 1 and 2 processes, pre-emption and exact
 resume, the backbone export, and the one-line errors."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def _wait_for(path, proc, seconds=120):
 def test_killed_run_resumes_to_identical_weights(reference, tmp_path, sig):
     cmd = [sys.executable, "moco.py", *TINY, "--epochs", "3", "--output-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as run_script
     _wait_for(tmp_path / "checkpoint.pth", proc)  # after epoch 0: kill it somewhere in epoch 1
     time.sleep(0.5)
     proc.send_signal(sig)
@@ -143,7 +144,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run_script("moco.py", *TINY, "--epochs", "3", "--output-dir", tmp_path,
-               "--stop-after-steps", "3")  # a checkpoint at the end of epoch 0
+               "--stop-after-steps", "4")  # a checkpoint at epoch 1, step 1
     before = (tmp_path / "checkpoint.pth").read_bytes()
     p = run_script("moco.py", *TINY, "--epochs", "3", "--output-dir", tmp_path, "--lr", "1e38",
                    check=False)
