@@ -192,7 +192,7 @@ class ConCL(MoCo):
 
     @torch.no_grad()
     def enqueue_concepts(self, keys):
-        keys = cdist.concat_all_gather(keys)  # the same fixed count from every process
+        keys = cdist.concat_all_gather(keys)[-self.K:]  # the same fixed count from every process
         idx = (int(self.concept_ptr) + torch.arange(keys.shape[0], device=keys.device)) % self.K
         self.concept_queue[idx] = keys        # a ring with wrap-around, as the official code
         self.concept_ptr.fill_(int(idx[-1] + 1) % self.K)
