@@ -186,7 +186,7 @@ class ConCL(MoCo):
             return batch["ref_labels"].to(device)
         # b-ConCL: cluster the momentum encoder's stage-4 (or 5) features of x_r (BN in train
         # mode on the reference batch, as the official code)
-        f = resnet_maps(self.encoder_k[0], ref)[a.cluster_stage - 2]      # (B, C, R, R)
+        f = resnet_maps(self.encoder_k[0], ref, upto=a.cluster_stage)[-1]  # (B, C, R, R)
         B, _, h, w = f.shape
         return kmeans(f.flatten(2).transpose(1, 2), a.num_concepts).view(B, h, w)
 

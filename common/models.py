@@ -74,11 +74,13 @@ def convert_split_bn(module, num_splits):
     return module
 
 
-def resnet_maps(net, x):
-    """The stage outputs C2..C5 (layer1..layer4, strides 4..32) of a `resnet()` network, before
-    pooling; dense methods read C5 (7 x 7 at 224 px) and ConCL clusters C4."""
+def resnet_maps(net, x, upto=5):
+    """The stage outputs C2..C`upto` (layer1..layer4, strides 4..32) of a `resnet()` network,
+    before pooling; dense methods read C5 (7 x 7 at 224 px), ConCL clusters C4 and need not pay
+    for layer4 then."""
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    c2 = net.layer1(x)
-    c3 = net.layer2(c2)
-    c4 = net.layer3(c3)
-    return c2, c3, c4, net.layer4(c4)
+    maps = []
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4)[:upto - 1]:
+        x = layer(x)
+        maps.append(x)
+    return maps

@@ -1,0 +1,334 @@
+"""Training-step and data-pipeline throughput, measured as ratios within one run.
+
+For every method: images/s of one full training step (forward of both views, loss, backward,
+optimiser step; inputs already on the device, so the model is timed, not the loader) and of its
+backbone-only bound for the same work (forward+backward of each online view, forward of each
+target view, one SGD step), and the ratios to that bound and to MoCo v2. ConCL's extra cost is
+split into its parts. The data pipeline is timed on one core: ours (one decode, two views as
+uint8, normalisation on the device) against torchvision's per-image pipeline as the official
+MoCo code runs it (TwoCropsTransform of a PIL Compose ending in ToTensor + Normalize).
+
+    python benchmarks/step_time.py                 # 224 px, the default
+    python benchmarks/step_time.py --quick         # seconds: 64 px, tiny batch (smoke test)
+    python benchmarks/step_time.py --methods moco_v2,concl_kmeans --json out.json
+
+Nothing here is asserted: timings belong in README, measured on a named machine.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image, ImageFilter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import concl  # noqa: E402
+import moco  # noqa: E402
+from common import data as cdata  # noqa: E402
+from common.masks import kmeans  # noqa: E402
+from common.models import resnet, resnet_maps  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, device, warmup, steps):
+    """Median seconds per call after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def images(a, device):
+    x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+
+def autocast(a, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- methods
+def train_step(model, opt, forward, a, device):
+    def step():
+        with autocast(a, device):
+            loss = forward()[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bound(a, device, online_views, target_views, to_layer3_views=0):
+    """The backbone-only work of a method: forward+backward per online view, forward per
+    target view (and per view that only needs C4, like b-ConCL's reference), one SGD step."""
+    net_o, net_t = resnet(a.arch).to(device), resnet(a.arch).to(device)
+    opt = sgd(net_o.parameters())
+    xs = [images(a, device) for _ in range(max(online_views, target_views, to_layer3_views))]
+
+    def step():
+        with autocast(a, device):
+            loss = sum(net_o(x).float().mean() for x in xs[:online_views])
+            with torch.no_grad():
+                for x in xs[:target_views]:
+                    net_t(x)
+                for x in xs[:to_layer3_views]:
+                    resnet_maps(net_t, x, upto=4)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def moco_entry(version):
+    def build(a, device):
+        model = moco.MoCo(a.arch, version, K=a.queue, T=0.2).to(device)
+        xq, xk = images(a, device), images(a, device)
+        return train_step(model, sgd(model.parameters()), lambda: model(xq, xk), a, device)
+    return build, lambda a, device: bound(a, device, 1, 1)
+
+
+def concl_batch(a, device, concept):
+    g = torch.Generator().manual_seed(0)
+    B, S = a.batch_size, a.img_size
+    def boxes():
+        lo = torch.randint(0, S // 3, (B, 2), generator=g).float()
+        return torch.cat([lo, lo + torch.randint(S // 2, 2 * S // 3, (B, 1), generator=g).float()
+                          .expand(B, 2)], 1)
+    bq, bk = boxes(), boxes()
+    batch = {"boxes": [bq, bk], "flips": [torch.rand(B, generator=g) < 0.5] * 2,
+             "ref_box": torch.stack([concl.union_box([p, q]) for p, q in zip(bq, bk)])}
+    if concept == "fh":  # FH maps come from the cache through the loader: not the step's work
+        batch["ref_labels"] = torch.randint(0, 12, (B, S // 16, S // 16), generator=g)
+    return batch
+
+
+def concl_args(a, concept):
+    return argparse.Namespace(arch=a.arch, dim=128, queue_size=a.queue, moco_m=0.999,
+                              temperature=0.2, bn_splits=1, concept=concept, grid_size=5,
+                              num_concepts=8, cluster_stage=4, img_size=a.img_size,
+                              concept_weight=1.0, official_key_order=False,
+                              concept_ids={"grid": 25, "kmeans": 8}.get(concept, 64))
+
+
+def concl_entry(concept):
+    def build(a, device):
+        model = concl.ConCL(concl_args(a, concept)).to(device)
+        xq, xk, xr = images(a, device), images(a, device), images(a, device)
+        batch = concl_batch(a, device, concept)
+        ref = xr if concept == "kmeans" else None
+        return train_step(model, sgd(model.parameters()),
+                          lambda: model(xq, xk, batch, ref, True), a, device)
+    # b-ConCL's reference view is a third, target-only forward up to layer3
+    return build, lambda a, device: bound(a, device, 1, 1, int(concept == "kmeans"))
+
+
+METHODS = {"moco_v2": moco_entry("v2"), "moco_v1": moco_entry("v1"),
+           "concl_grid": concl_entry("grid"), "concl_fh": concl_entry("fh"),
+           "concl_kmeans": concl_entry("kmeans")}
+
+
+def concl_split(a, device):
+    """ms of b-ConCL's extra parts, each timed alone at the step's batch and size."""
+    model = concl.ConCL(concl_args(a, "kmeans")).to(device)
+    xr = images(a, device)
+    batch = concl_batch(a, device, "kmeans")
+    with torch.no_grad():
+        f4 = resnet_maps(model.encoder_k[0], xr, upto=4)[-1]
+        labels = kmeans(f4.flatten(2).transpose(1, 2), 8).view(f4.shape[0], *f4.shape[2:])
+    size, dev = a.img_size // 32, device
+    c5 = torch.randn(a.batch_size, 512, size * size, device=device)
+    rb, bq = batch["ref_box"].to(dev), batch["boxes"][0].to(dev)
+    lq = concl.view_masks(labels, rb, bq, batch["flips"][0], size).flatten(1)
+
+    def ref_forward():
+        with torch.no_grad(), autocast(a, device):
+            resnet_maps(model.encoder_k[0], xr, upto=4)
+
+    parts = {
+        "reference forward (to layer3)": ref_forward,
+        "k-means (K=8, 10 iterations)": lambda: kmeans(f4.flatten(2).transpose(1, 2), 8),
+        "mapping into both views": lambda: [concl.view_masks(labels, rb, b.to(dev), f, size)
+                                            for b, f in zip(batch["boxes"], batch["flips"])],
+        "pooling + head + concept loss": lambda: concl.info_nce(
+            *[F.normalize(model.encoder_q[1](p), dim=1)
+              for p in concl.shared_prototypes(c5, c5, lq, lq)[:2]],
+            model.concept_queue, 0.2).backward(),
+    }
+    return {k: 1000 * time_it(fn, device, a.warmup, a.steps) for k, fn in parts.items()}
+
+
+# ----------------------------------------------------------------------------- data pipeline
+def tiles(folder, n=64):
+    """224 x 224 TIFF tiles like NCT's: the real samples beside the repo, else demo tiles."""
+    real = sorted((REPO.parent / "shared" / "samples" / "nct_crc_he").glob("*.[tp][in][fg]"))
+    if real:
+        arrays = [np.asarray(cdata.read_rgb(p)) for p in real]
+        source = f"{len(real)} real CRC-VAL-HE-7K tiles"
+    else:
+        from common.demo import demo_tile
+        arrays = [demo_tile(i)[0] for i in range(6)]
+        source = "demo tiles"
+    paths = []
+    for i in range(n):
+        p = Path(folder) / f"t{i}.tif"
+        Image.fromarray(arrays[i % len(arrays)]).save(p)
+        paths.append(p)
+    return paths, source
+
+
+def data_pipeline(a):
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        paths, source = tiles(d)
+        view = moco.augmentation("v2", 224)
+        ours = cdata.MultiViewDataset(cdata.ImageList(paths, [0] * len(paths), ["x"]),
+                                      [view, view])
+        def per_image(blur):
+            return T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)),
+                              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                              T.RandomGrayscale(p=0.2), T.RandomApply([blur], p=0.5),
+                              T.RandomHorizontalFlip(), T.ToTensor(),
+                              T.Normalize(cdata.IMAGENET_MEAN, cdata.IMAGENET_STD)])
+
+        def two_crops(base):
+            def load(i):
+                with open(paths[i % len(paths)], "rb") as f:
+                    img = Image.open(f).convert("RGB")
+                return base(img), base(img)
+            return load
+
+        def per_sample(fn):
+            for i in range(10):
+                fn(i)
+            t = time.perf_counter()
+            for i in range(a.samples):
+                fn(i)
+            return 1000 * (time.perf_counter() - t) / a.samples
+
+        res = {"source": source,
+               "ours_ms": per_sample(lambda i: ours[i % len(ours)]),
+               "torchvision_ms": per_sample(two_crops(per_image(T.GaussianBlur(23, (0.1, 2.0))))),
+               "official_moco_ms": per_sample(two_crops(per_image(cdata.GaussianBlur((0.1, 2.0)))))}
+        batch = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8)
+        t = time.perf_counter()
+        for _ in range(5):
+            cdata.to_device(batch, torch.device("cpu"))
+        res["normalise_ms"] = 1000 * (time.perf_counter() - t) / 5 / 64 * 2  # two views
+        img = cdata.read_rgb(paths[0])
+        blur = {}
+        for s in (0.1, 1.0, 2.0):
+            x = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=s)), np.int16)
+            y = np.asarray(T.functional.gaussian_blur(img, 23, s), np.int16)
+            blur[s] = (int(np.abs(x - y).max()), float(np.abs(x - y).mean()))
+        res["blur_diff"] = blur
+        res["blur_pil_ms"] = per_sample(lambda i: img.filter(ImageFilter.GaussianBlur(radius=1.0)))
+        res["blur_tv_ms"] = per_sample(lambda i: T.functional.gaussian_blur(img, 23, 1.0))
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if "model name" in ln)
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 64 on CUDA")
+    p.add_argument("--queue", type=int, default=16384)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--samples", type=int, default=200, help="data pipeline samples")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--quick", action="store_true", help="64 px, batch 8, 1 + 2 steps")
+    p.add_argument("--json", help="also write the numbers here")
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.quick:
+        a.img_size, a.batch_size, a.warmup, a.steps, a.samples, a.queue = 64, 8, 1, 2, 20, 64
+    a.batch_size = a.batch_size or (64 if device.type == "cuda" else 32)
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    print(f"# step time: {machine(device)}")
+    print(f"# {a.arch}, {a.img_size} px, batch {a.batch_size}, median of {a.steps} steps\n")
+
+    rows, out = [], {"machine": machine(device), "args": vars(a), "methods": {}}
+    for name in a.methods.split(","):
+        build, build_bound = METHODS[name]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time_it(build(a, device), device, a.warmup, a.steps)
+        # CPU allocations have no per-method peak counter (the process RSS only ever grows)
+        mem = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda"
+               else "n/a (CUDA only)")
+        tb = time_it(build_bound(a, device), device, a.warmup, a.steps)
+        out["methods"][name] = {"step_s": t, "bound_s": tb, "img_per_s": a.batch_size / t}
+        rows.append((name, t, tb, mem))
+    base = out["methods"].get("moco_v2", {}).get("step_s")
+    print("| method | img/s | step (s) | backbone-only bound (s) | step / bound | step / MoCo v2 | peak memory |")
+    print("|---|---|---|---|---|---|---|")
+    for name, t, tb, mem in rows:
+        vs = f"{t / base:.2f}x" if base else "n/a"
+        print(f"| {name} | {a.batch_size / t:.1f} | {t:.3f} | {tb:.3f} | {t / tb:.2f}x | {vs} | {mem} |")
+
+    if "concl_kmeans" in out["methods"]:
+        split = concl_split(a, device)
+        out["concl_split_ms"] = split
+        print("\n| b-ConCL extra part | ms per step |\n|---|---|")
+        for k, v in split.items():
+            print(f"| {k} | {v:.1f} |")
+
+    d = data_pipeline(a)
+    out["data"] = d
+    print(f"\n# data pipeline, one core, two 224 px views per sample ({d['source']})\n")
+    print("| pipeline | ms per sample |\n|---|---|")
+    print(f"| ours: decode once, two views as uint8 | {d['ours_ms']:.2f} |")
+    print(f"| + normalisation (on the GPU in training; here CPU) | {d['normalise_ms']:.2f} |")
+    print(f"| torchvision per-image v2 pipeline (T.GaussianBlur 23, ToTensor, Normalize) x 2 | "
+          f"{d['torchvision_ms']:.2f} |")
+    print(f"| the same with PIL blur, i.e. the official MoCo loader | {d['official_moco_ms']:.2f} |")
+    print(f"| ratio torchvision / ours | {d['torchvision_ms'] / d['ours_ms']:.2f}x |")
+    print(f"| ratio official MoCo / ours | {d['official_moco_ms'] / d['ours_ms']:.2f}x |")
+    print(f"\nblur: PIL GaussianBlur {d['blur_pil_ms']:.2f} ms vs torchvision 23-px kernel "
+          f"{d['blur_tv_ms']:.2f} ms per 224 px image; |difference| max/mean by sigma: "
+          + ", ".join(f"{s}: {m}/{mean:.2f}" for s, (m, mean) in d["blur_diff"].items()))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
