@@ -285,8 +285,8 @@ class Trainer:
     def epochs(self):
         while self.epoch < self.run.args.epochs:
             yield self.epoch
-            self._end_epoch()
-        if self.run.main:
+            self._end_epoch()  # exports backbone.pth too
+        if self.run.main and not (self.run.out / "backbone.pth").exists():  # rerun of a finished run
             export_backbone(self.backbone, self.run.out / "backbone.pth")
         self.run.print(f"done: {self.run.out / 'backbone.pth'}")
 
