@@ -31,7 +31,7 @@ from common import dist as cdist
 from common import train as ctrain
 from common.masks import FHCache, grid_labels, kmeans
 from common.models import resnet_maps
-from moco import MoCo, augmentation, info_nce, lr_at, moco_logits
+from moco import MoCo, augmentation, check_moco_args, info_nce, lr_at, moco_logits
 
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
@@ -333,10 +333,7 @@ def get_args(argv=None):
 def main():
     args = get_args()
     run = ctrain.Run(args, "concl")
-    args.bn_splits = args.bn_splits or max(1, args.batch_size // 32)
-    if args.batch_size % args.bn_splits:
-        raise cdata.DataError(f"--batch-size {args.batch_size} is not a multiple of "
-                              f"--bn-splits {args.bn_splits}")
+    check_moco_args(args, run)
     if args.img_size % 32:
         raise cdata.DataError(f"--img-size {args.img_size}: use a multiple of 32 (C5 grid)")
 
@@ -345,9 +342,6 @@ def main():
     loader, sampler = cdata.pretrain_loader(dataset, args.batch_size, args.workers, args.seed,
                                             run.device)
     model = ConCL(args).to(run.device)
-    if args.queue_size % run.global_batch:
-        raise cdata.DataError(f"--queue-size {args.queue_size} must be a multiple of the global "
-                              f"batch {run.global_batch}")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.scaled_lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
     trainer = ctrain.Trainer(run, model, optimizer, loader, sampler, model.encoder_q[0],

@@ -132,6 +132,17 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         trainer.update(parts, lr)
 
 
+def check_moco_args(args, run):
+    """The MoCo family's batch constraints (shared by densecl.py and concl.py)."""
+    args.bn_splits = args.bn_splits or max(1, args.batch_size // 32)
+    if args.batch_size % args.bn_splits:
+        raise cdata.DataError(f"--batch-size {args.batch_size} is not a multiple of "
+                              f"--bn-splits {args.bn_splits}")
+    if args.queue_size % run.global_batch:
+        raise cdata.DataError(f"--queue-size {args.queue_size} must be a multiple of the global "
+                              f"batch {run.global_batch}")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -164,11 +175,7 @@ def get_args(argv=None):
 def main():
     args = get_args()
     run = ctrain.Run(args, "moco")
-    if args.bn_splits is None:
-        args.bn_splits = max(1, args.batch_size // 32)
-    if args.batch_size % args.bn_splits:
-        raise cdata.DataError(f"--batch-size {args.batch_size} is not a multiple of "
-                              f"--bn-splits {args.bn_splits}")
+    check_moco_args(args, run)
 
     view = augmentation(args.version, args.img_size, args.blur_kernel)
     dataset = cdata.MultiViewDataset(cdata.build_dataset(args), [view, view], seed=args.seed)
@@ -177,9 +184,6 @@ def main():
 
     model = MoCo(args.arch, args.version, args.dim, args.queue_size, args.moco_m,
                  args.temperature, args.bn_splits).to(run.device)
-    if args.queue_size % run.global_batch:
-        raise cdata.DataError(f"--queue-size {args.queue_size} must be a multiple of the global "
-                              f"batch {run.global_batch}")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.scaled_lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
     trainer = ctrain.Trainer(run, model, optimizer, loader, sampler, model.encoder_q[0],

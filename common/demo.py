@@ -1,12 +1,13 @@
 """The `--data demo` tiles: a download-free stand-in for NCT-CRC-HE-100K.
 
-Two sources, 224 x 224 like NCT tiles:
+NCT is 11 GB behind a Zenodo download; CI, tests and a first `python X.py --data demo` need
+tissue-like tiles with labels and no network. Two sources, 224 x 224 like NCT tiles:
 - "IHC": real colon tissue, cut from the immunohistochemistry image scikit-image ships
   (`skimage.data.immunohistochemistry()`, 512 x 512) at random positions and orientations;
-- five generated H&E-like classes named after their NCT counterparts: "ADI" (adipose: empty
-  polygonal cells with thin pink membranes), "BACK" (background glass), "LYM" (packed small dark
-  lymphocyte nuclei), "STR" (wavy pink stroma with sparse elongated nuclei) and "TUM" (tumour
-  epithelium: crowded large nuclei lining gland lumens).
+- five generated H&E-like classes named after their NCT counterparts: "ADI" (adipose: large
+  empty cells with thin pink membranes), "BACK" (background glass), "LYM" (packed small dark
+  lymphocyte nuclei), "STR" (wavy pink collagen fibres with sparse spindle nuclei) and "TUM"
+  (tumour epithelium: crowded large irregular nuclei lining gland lumens).
 
 Every tile is a pure function of (index, seed): the same in any process, worker or order, so
 runs on demo data are reproducible and resumable. Classes cycle with the index, so any prefix is
@@ -19,148 +20,188 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 DEMO_CLASSES = ("ADI", "BACK", "LYM", "STR", "TUM", "IHC")
-HEMATOXYLIN = np.array([95, 50, 140], np.float32)   # nuclei: purple-blue
-EOSIN = np.array([236, 160, 200], np.float32)       # cytoplasm, stroma: pink
-GLASS = np.array([242, 238, 244], np.float32)       # empty space: near white
+N = 224  # tiles are drawn at NCT's size; `size` only resamples, so content does not depend on it
+
+# Stains mix by Beer-Lambert: optical densities add, RGB = 255 exp(-OD). Painting concentration
+# maps instead of colours gives realistic mixtures, and per-slide staining differences become two
+# scalars. Unit vectors are the OD of a typical nucleus and of dense eosin.
+OD_H = -np.log(np.array([100, 55, 145]) / 255)   # haematoxylin: nuclei, purple-blue
+OD_E = -np.log(np.array([236, 150, 196]) / 255)  # eosin: cytoplasm, collagen, pink
+OD_GLASS = -np.log(np.array([242, 237, 243]) / 255)
 
 _IHC = None
 
 
 def _ihc():
     global _IHC
-    if _IHC is None:
+    if _IHC is None:  # once per process (each DataLoader worker loads its own copy)
         import skimage.data
         _IHC = skimage.data.immunohistochemistry()
     return _IHC
 
 
-def _smooth_noise(rng, size, cells):
-    """Low-frequency noise in [0, 1]: random values on a cells x cells grid, bicubic-upsampled."""
-    small = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
-    return np.asarray(small.resize((size, size), Image.BICUBIC), np.float32) / 255
+def _noise(rng, cells, n=N):
+    """Smooth noise in [0, 1] with features about n / cells px wide (bicubic-upsampled grid)."""
+    small = Image.fromarray(rng.random((cells, cells), np.float32), "F")
+    return np.asarray(small.resize((n, n), Image.BICUBIC)).clip(0, 1)
 
 
-def _paint(canvas, mask, colour, strength=1.0):
-    """Alpha-blend `colour` into canvas (H, W, 3) where mask (H, W) in [0, 1]."""
-    a = (mask * strength)[..., None]
-    canvas *= 1 - a
-    canvas += a * colour
+def _nuclei(cy, cx, r, elong=1.0, angle=0.0, wobble=0.0, strength=1.0, rng=None, n=N):
+    """(n, n) coverage of soft-edged nuclei: ellipses with axes r * elong along `angle` and r
+    across, outlines bent by a random 3-fold harmonic of amplitude `wobble`. All nuclei are
+    evaluated at once on small stamps and max-scattered, which is what keeps a tile of
+    hundreds of nuclei within a few milliseconds."""
+    cy, cx, r, elong, angle, strength = np.broadcast_arrays(*map(np.asarray, (
+        cy, cx, r, elong, angle, strength)))
+    R = int(np.ceil((r * elong).max(initial=0))) + 2
+    keep = (cy > -R) & (cy < n + R) & (cx > -R) & (cx < n + R)
+    cy, cx, r, elong, angle, strength = (a[keep, None, None] for a in
+                                         (cy, cx, r, elong, angle, strength))
+    iy, ix = np.round(cy).astype(int), np.round(cx).astype(int)
+    off = np.arange(-R, R + 1)
+    dy, dx = off[:, None] + (iy - cy), off[None, :] + (ix - cx)  # (k, P, P) via broadcasting
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = dy * np.cos(angle) - dx * np.sin(angle)
+    d = np.sqrt((u / elong) ** 2 + v ** 2)
+    if wobble and rng is not None:  # cos(3 theta + phase) from u, v without arctan2
+        p = rng.uniform(0, 2 * np.pi, (len(cy), 1, 1))
+        cos3 = (u ** 3 - 3 * u * v ** 2) / (d ** 3 * elong ** 3 + 1e-6)
+        sin3 = (3 * u ** 2 * v - v ** 3) / (d ** 3 * elong ** 3 + 1e-6)
+        d = d / (1 + wobble * (cos3 * np.cos(p) - sin3 * np.sin(p)))
+    cover = (np.clip(r + 0.5 - d, 0, 1) * strength).astype(np.float32)
+    canvas = np.zeros((n + 4 * R, n + 4 * R), np.float32)  # centres up to R outside, stamps R wide
+    np.maximum.at(canvas, (iy + off[:, None] + 2 * R, ix + off[None, :] + 2 * R), cover)
+    return canvas[2 * R:2 * R + n, 2 * R:2 * R + n]
 
 
-def _nuclei(rng, size, centres, radii, elong=1.0, angle=0.0):
-    """Soft-edged elliptical nuclei as a (size, size) coverage map, drawn on a bounding patch each."""
-    cover = np.zeros((size, size), np.float32)
-    c, s = np.cos(angle), np.sin(angle)
-    for (cy, cx), r in zip(centres, radii):
-        rr = int(np.ceil(r * elong)) + 2
-        y0, y1, x0, x1 = max(int(cy) - rr, 0), min(int(cy) + rr + 1, size), max(int(cx) - rr, 0), min(int(cx) + rr + 1, size)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
-        d = np.sqrt((u / elong) ** 2 + v ** 2)
-        np.maximum(cover[y0:y1, x0:x1], np.clip(r + 0.5 - d, 0, 1), out=cover[y0:y1, x0:x1])
-    return cover
-
-
-def _adipose(rng, n):
-    canvas = np.empty((n, n, 3), np.float32)
-    canvas[:] = GLASS
-    seeds = rng.random((int(rng.integers(10, 18)), 2)) * n
-    yy, xx = np.mgrid[:n, :n].astype(np.float32)
+def _adipose(rng):
+    """Voronoi cells on a wavy coordinate grid: membranes where two nearest seeds tie."""
+    k, m = int(rng.integers(8, 15)), N // 2  # cell geometry at half resolution, then upsampled
+    seeds = rng.uniform(-30, N + 30, (k, 2))
+    yy, xx = np.mgrid[:N:2, :N:2].astype(np.float32)
+    yy, xx = yy + 12 * _noise(rng, 3, m), xx + 12 * _noise(rng, 3, m)
     d = np.sqrt((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2)
-    d.sort(axis=2)
-    membrane = np.clip(2.5 - (d[..., 1] - d[..., 0]), 0, 1)  # thin walls between the cells
-    _paint(canvas, membrane, EOSIN * 0.9)
-    walls = np.argwhere(membrane > 0.9)
-    pick = walls[rng.choice(len(walls), size=min(len(walls), 6), replace=False)]
-    _paint(canvas, _nuclei(rng, n, pick, rng.uniform(2, 3, len(pick)), 2.0, rng.uniform(0, np.pi)),
-           HEMATOXYLIN)
-    return canvas
+    d = np.partition(d, 1, axis=2)
+    gap = np.asarray(Image.fromarray(d[..., 1] - d[..., 0], "F").resize((N, N), Image.BILINEAR))
+    membrane = np.clip(rng.uniform(2, 3.5) - gap, 0, 1)
+    e = membrane * (0.5 + 0.5 * _noise(rng, 12))
+    on_wall = np.argwhere(membrane > 0.9)
+    pick = on_wall[rng.choice(len(on_wall), min(len(on_wall), int(rng.integers(2, 7))), False)]
+    gy, gx = np.gradient(gap)  # flat nuclei lie along the membrane, across the gap gradient
+    along = np.arctan2(gy[tuple(pick.T)], gx[tuple(pick.T)]) + np.pi / 2
+    h = _nuclei(pick[:, 0], pick[:, 1], rng.uniform(1.8, 2.5, len(pick)), 2.5, along)
+    return h, e
 
 
-def _background(rng, n):
-    canvas = np.empty((n, n, 3), np.float32)
-    canvas[:] = GLASS - 8 * _smooth_noise(rng, n, 4)[..., None]
-    specks = rng.random((int(rng.integers(0, 6)), 2)) * n
-    _paint(canvas, _nuclei(rng, n, specks, rng.uniform(1, 4, len(specks))), EOSIN, 0.5)
-    return canvas
+def _background(rng):
+    e = 0.02 + 0.05 * _noise(rng, 5) + 0.03 * _noise(rng, 40)
+    k = int(rng.integers(0, 8))  # debris specks
+    specks = _nuclei(*rng.uniform(0, N, (2, k)), rng.uniform(1, 3, k), rng.uniform(1, 2, k),
+                     rng.uniform(0, np.pi, k))
+    return 0.25 * specks, e + 0.3 * specks
 
 
-def _lymphocytes(rng, n):
-    canvas = np.empty((n, n, 3), np.float32)
-    canvas[:] = EOSIN * 0.3 + GLASS * 0.7
-    count = int(rng.integers(350, 500))
-    centres = rng.random((count, 2)) * n
-    _paint(canvas, _nuclei(rng, n, centres, rng.uniform(3.0, 4.5, count)), HEMATOXYLIN * 0.8)
-    return canvas
+def _lymphocytes(rng):
+    """Round dark nuclei on a jittered lattice, so they pack densely without piling up."""
+    s = rng.uniform(10, 12)
+    gy, gx = np.mgrid[-s:N + s:s, -s:N + s:s].reshape(2, -1)
+    density = _noise(rng, 4)[np.clip(gy, 0, N - 1).astype(int), np.clip(gx, 0, N - 1).astype(int)]
+    keep = rng.random(len(gy)) < 0.55 + 0.45 * density
+    gy, gx = gy[keep] + rng.normal(0, s / 5, keep.sum()), gx[keep] + rng.normal(0, s / 5, keep.sum())
+    k = len(gy)
+    h = _nuclei(gy, gx, rng.uniform(3.8, 5.2, k), rng.uniform(1, 1.2, k),
+                rng.uniform(0, np.pi, k), 0.1, rng.uniform(0.9, 1.3, k), rng)
+    return h, 0.25 + 0.15 * _noise(rng, 8)
 
 
-def _stroma(rng, n):
-    yy, xx = np.mgrid[:n, :n].astype(np.float32)
+def _stroma(rng):
+    """Collagen fibres: a random 1-D fibre profile across the fibre direction, bent by smooth
+    warps, and faded along the fibres so bundles start and end."""
     theta = rng.uniform(0, np.pi)
-    warp = 10 * _smooth_noise(rng, n, 4)
-    fibres = 0.5 + 0.5 * np.sin((xx * np.cos(theta) + yy * np.sin(theta)) / rng.uniform(2.5, 4) + warp)
-    canvas = np.empty((n, n, 3), np.float32)
-    canvas[:] = GLASS
-    _paint(canvas, 0.45 + 0.55 * fibres, EOSIN)
-    count = int(rng.integers(12, 25))
-    centres = rng.random((count, 2)) * n
-    _paint(canvas, _nuclei(rng, n, centres, rng.uniform(2, 3, count), 3.0, theta + np.pi / 2),
-           HEMATOXYLIN)
-    return canvas
+    yy, xx = np.mgrid[:N, :N].astype(np.float32)
+    across = -xx * np.sin(theta) + yy * np.cos(theta)
+    t = across + 25 * _noise(rng, 3) + 6 * _noise(rng, 7) + 200
+    knots = np.arange(0, 650, rng.uniform(2.5, 4))
+    profile = rng.random(len(knots)) ** 0.5
+    fibres = np.interp(t, knots, profile) * (0.6 + 0.6 * _noise(rng, 6))
+    e = (0.2 + 0.75 * fibres).astype(np.float32)
+    k = int(rng.integers(8, 22))
+    cy, cx = rng.uniform(0, N, (2, k))
+    ty, tx = np.gradient(t)
+    iy, ix = cy.astype(int), cx.astype(int)
+    along = np.arctan2(ty[iy, ix], tx[iy, ix]) + np.pi / 2  # spindle nuclei follow the fibres
+    h = _nuclei(cy, cx, rng.uniform(1.8, 2.6, k), rng.uniform(3, 4.5, k), along, 0.1,
+                rng.uniform(0.8, 1.1, k), rng)
+    return h + 0.05, e
 
 
-def _tumour(rng, n):
-    canvas = np.empty((n, n, 3), np.float32)
-    canvas[:] = EOSIN * 0.85
-    yy, xx = np.mgrid[:n, :n].astype(np.float32)
-    centres, radii = [], []
-    for _ in range(int(rng.integers(2, 5))):  # gland-like rings of crowded nuclei round a lumen
-        cy, cx, r = rng.uniform(0, n), rng.uniform(0, n), rng.uniform(25, 50)
-        lumen = np.clip(r * 0.55 - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2), 0, 1)
-        _paint(canvas, lumen, GLASS)
-        k = int(2 * np.pi * r / 7)
-        phi = rng.uniform(0, 2 * np.pi) + np.linspace(0, 2 * np.pi, k, endpoint=False)
-        rad = r * 0.75 + rng.normal(0, 2, k)
-        centres += list(zip(cy + rad * np.sin(phi), cx + rad * np.cos(phi)))
-        radii += list(rng.uniform(4, 6.5, k))
-    scattered = rng.random((int(rng.integers(40, 70)), 2)) * n  # invasive cells between glands
-    centres += [tuple(c) for c in scattered]
-    radii += list(rng.uniform(4, 6, len(scattered)))
-    _paint(canvas, _nuclei(rng, n, centres, radii, rng.uniform(1.1, 1.5), rng.uniform(0, np.pi)),
-           HEMATOXYLIN * 0.9)
-    return canvas
-
-
-def _ihc_tile(rng, n):
-    src = _ihc()
-    y, x = rng.integers(0, src.shape[0] - n + 1), rng.integers(0, src.shape[1] - n + 1)
-    tile = np.rot90(src[y:y + n, x:x + n], int(rng.integers(4)))
-    return np.ascontiguousarray(tile[:, ::-1] if rng.random() < 0.5 else tile)
+def _tumour(rng):
+    """Glands: irregular lumens lined by crowded, radially elongated nuclei, in a bed of more
+    crowded atypical nuclei and purplish cytoplasm."""
+    yy, xx = np.mgrid[:N, :N].astype(np.float32)
+    lumen = np.zeros((N, N), np.float32)
+    cy, cx, r, elong, angle = [], [], [], [], []
+    for _ in range(int(rng.integers(2, 5))):
+        gy, gx = rng.uniform(-10, N + 10, 2)
+        a, b, rot = rng.uniform(12, 35), rng.uniform(8, 22), rng.uniform(0, np.pi)
+        u = (xx - gx) * np.cos(rot) + (yy - gy) * np.sin(rot)
+        v = (yy - gy) * np.cos(rot) - (xx - gx) * np.sin(rot)
+        rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        lumen = np.maximum(lumen, np.clip((1 - rho) * b, 0, 1))
+        for depth in (4, 11):  # two staggered rows: pseudo-stratified epithelium
+            k = int(2 * np.pi * np.sqrt((a ** 2 + b ** 2) / 2) / 5.5) + 4
+            phi = rng.uniform(0, 2 * np.pi) + np.linspace(0, 2 * np.pi, k, endpoint=False)
+            pu, pv = (a + depth) * np.cos(phi), (b + depth) * np.sin(phi)
+            cy += list(gy + pu * np.sin(rot) + pv * np.cos(rot) + rng.normal(0, 1.5, k))
+            cx += list(gx + pu * np.cos(rot) - pv * np.sin(rot) + rng.normal(0, 1.5, k))
+            angle += list(np.arctan2(pv / b ** 2, pu / a ** 2) + rot)  # along the outward normal
+            r += list(rng.uniform(3.5, 5.5, k))
+            elong += list(rng.uniform(1.4, 2.2, k))
+    k = int(rng.integers(60, 110))
+    sy, sx = rng.uniform(0, N, (2, k))
+    out = lumen[sy.astype(int), sx.astype(int)] < 0.5
+    cy, cx = np.r_[cy, sy[out]], np.r_[cx, sx[out]]
+    r = np.r_[r, rng.uniform(4.5, 7, out.sum())]
+    elong = np.r_[elong, rng.uniform(1.1, 1.6, out.sum())]
+    angle = np.r_[angle, rng.uniform(0, np.pi, out.sum())]
+    h = _nuclei(cy, cx, r, elong, angle, 0.2, rng.uniform(0.7, 1.1, len(cy)), rng)
+    h = (0.15 + h) * (1 - lumen)
+    e = (0.45 + 0.25 * _noise(rng, 10)) * (1 - 0.9 * lumen)
+    return h, e
 
 
 _MAKERS = {"ADI": _adipose, "BACK": _background, "LYM": _lymphocytes, "STR": _stroma,
            "TUM": _tumour}
 
 
+def _ihc_tile(rng):
+    src = _ihc()
+    y, x = rng.integers(0, src.shape[0] - N + 1), rng.integers(0, src.shape[1] - N + 1)
+    tile = np.rot90(src[y:y + N, x:x + N], int(rng.integers(4)))
+    return np.ascontiguousarray(tile[:, ::-1] if rng.random() < 0.5 else tile)
+
+
+def _render(rng, h, e):
+    """Concentrations -> RGB with this tile's staining: strength and hue of each stain vary
+    between slides, then the scanner's focus and sensor noise."""
+    h = h * (0.75 + 0.5 * _noise(rng, 56))  # chromatin texture
+    od_h = OD_H * rng.uniform(0.75, 1.25) * np.exp(rng.normal(0, 0.08, 3))
+    od_e = OD_E * rng.uniform(0.7, 1.3) * np.exp(rng.normal(0, 0.08, 3))
+    od = OD_GLASS * rng.uniform(0.5, 2) + h[..., None] * od_h + e[..., None] * od_e
+    img = Image.fromarray((255 * np.exp(-od)).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0)))
+    noise = rng.normal(0, rng.uniform(1, 3), (N, N, 1)).astype(np.float32)
+    return (np.asarray(img) + noise).clip(0, 255).astype(np.uint8)
+
+
 def demo_tile(index, seed=0, size=224):
     """uint8 (size, size, 3) RGB tile and its label, a pure function of (index, seed, size).
     Generated at 224 px (the NCT tile size) and resized, so size only changes resolution."""
     label = index % len(DEMO_CLASSES)
-    rng = np.random.default_rng([seed, index])
+    rng = np.random.default_rng([seed, index])  # never global state: workers and order don't matter
     name = DEMO_CLASSES[label]
-    if name == "IHC":
-        tile = _ihc_tile(rng, 224)
-    else:
-        canvas = _MAKERS[name](rng, 224)
-        # staining varies between slides: intensity and a mild colour cast per tile
-        canvas = 255 - (255 - canvas) * rng.uniform(0.8, 1.15) + rng.normal(0, 4, 3)
-        img = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 1.0)))
-        tile = np.asarray(img).astype(np.int16) + rng.normal(0, 3, (224, 224, 1)).astype(np.int16)
-        tile = tile.clip(0, 255).astype(np.uint8)
-    if size != 224:
+    tile = _ihc_tile(rng) if name == "IHC" else _render(rng, *_MAKERS[name](rng))
+    if size != N:
         tile = np.asarray(Image.fromarray(tile).resize((size, size), Image.BILINEAR))
     return tile, label
 
@@ -181,7 +222,7 @@ class DemoTiles(torch.utils.data.Dataset):
         return Image.fromarray(tile), label
 
 
-def contact_sheet(seed=0, per_class=6, size=112):
+def contact_sheet(seed=0, per_class=6, size=224):
     """A PNG-ready sheet: one row per class, its name on the left."""
     label_w = 48
     sheet = Image.new("RGB", (label_w + per_class * size, len(DEMO_CLASSES) * size), "white")
@@ -199,6 +240,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="demo_tiles.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=6)
+    p.add_argument("--size", type=int, default=224, help="pixels per tile on the sheet")
     a = p.parse_args()
-    contact_sheet(a.seed, a.per_class).save(a.out)
+    contact_sheet(a.seed, a.per_class, a.size).save(a.out)
     print(a.out)
