@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -31,6 +32,13 @@ def run_script(*argv, nproc=1, timeout=600, check=True, env=None):
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n"
                              f"--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}")
     return p
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Models run inside the pytest process too: one thread each keeps a loaded 2-core machine
+    from thrashing (and matches the subprocesses, which get OMP_NUM_THREADS=1)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
