@@ -68,6 +68,16 @@ def sgd(params):
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
 
 
+def prepare(model, device):
+    """As Run.wrap does on CUDA: channels_last weights to match the channels_last inputs."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def bn_splits(a):
+    return max(1, a.batch_size // 32)  # moco.check_moco_args: BN always sees 32 images
+
+
 def autocast(a, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp and device.type == "cuda")
 
@@ -86,7 +96,7 @@ def train_step(model, opt, forward, a, device):
 def bound(a, device, online_views, target_views, to_layer3_views=0):
     """The backbone-only work of a method: forward+backward per online view, forward per
     target view (and per view that only needs C4, like b-ConCL's reference), one SGD step."""
-    net_o, net_t = resnet(a.arch).to(device), resnet(a.arch).to(device)
+    net_o, net_t = prepare(resnet(a.arch), device), prepare(resnet(a.arch), device)
     opt = sgd(net_o.parameters())
     xs = [images(a, device) for _ in range(max(online_views, target_views, to_layer3_views))]
 
@@ -106,7 +116,8 @@ def bound(a, device, online_views, target_views, to_layer3_views=0):
 
 def moco_entry(version):
     def build(a, device):
-        model = moco.MoCo(a.arch, version, K=a.queue, T=0.2).to(device)
+        model = prepare(moco.MoCo(a.arch, version, K=a.queue, T=0.07 if version == "v1" else 0.2,
+                                  bn_splits=bn_splits(a)), device)
         xq, xk = images(a, device), images(a, device)
         return train_step(model, sgd(model.parameters()), lambda: model(xq, xk), a, device)
     return build, lambda a, device: bound(a, device, 1, 1)
@@ -129,7 +140,7 @@ def concl_batch(a, device, concept):
 
 def concl_args(a, concept):
     return argparse.Namespace(arch=a.arch, dim=128, queue_size=a.queue, moco_m=0.999,
-                              temperature=0.2, bn_splits=1, concept=concept, grid_size=5,
+                              temperature=0.2, bn_splits=bn_splits(a), concept=concept, grid_size=5,
                               num_concepts=8, cluster_stage=4, img_size=a.img_size,
                               concept_weight=1.0, official_key_order=False,
                               concept_ids={"grid": 25, "kmeans": 8}.get(concept, 64))
@@ -137,7 +148,7 @@ def concl_args(a, concept):
 
 def concl_entry(concept):
     def build(a, device):
-        model = concl.ConCL(concl_args(a, concept)).to(device)
+        model = prepare(concl.ConCL(concl_args(a, concept)), device)
         xq, xk, xr = images(a, device), images(a, device), images(a, device)
         batch = concl_batch(a, device, concept)
         ref = xr if concept == "kmeans" else None
@@ -185,14 +196,20 @@ def concl_split(a, device):
 # ----------------------------------------------------------------------------- data pipeline
 def tiles(folder, n=64):
     """224 x 224 TIFF tiles like NCT's: the real samples beside the repo, else demo tiles."""
-    real = sorted((REPO.parent / "shared" / "samples" / "nct_crc_he").glob("*.[tp][in][fg]"))
+    samples = REPO.parent / "shared" / "samples" / "nct_crc_he"
+    real = cdata.find_images(samples) if samples.is_dir() else []
     if real:
         arrays = [np.asarray(cdata.read_rgb(p)) for p in real]
         source = f"{len(real)} real CRC-VAL-HE-7K tiles"
     else:
-        from common.demo import demo_tile
-        arrays = [demo_tile(i)[0] for i in range(6)]
-        source = "demo tiles"
+        try:
+            from common.demo import demo_tile
+            arrays = [demo_tile(i)[0] for i in range(6)]
+            source = "demo tiles"
+        except ImportError:  # noise compresses worse than tissue: decode times are an upper bound
+            rng = np.random.default_rng(0)
+            arrays = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(6)]
+            source = "random-noise tiles (common.demo missing)"
     paths = []
     for i in range(n):
         p = Path(folder) / f"t{i}.tif"
@@ -277,15 +294,21 @@ def main():
     p.add_argument("--quick", action="store_true", help="64 px, batch 8, 1 + 2 steps")
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args()
+    unknown = set(a.methods.split(",")) - set(METHODS)
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.quick:
-        a.img_size, a.batch_size, a.warmup, a.steps, a.samples, a.queue = 64, 8, 1, 2, 20, 64
+        a.img_size, a.batch_size, a.warmup, a.steps, a.samples, a.queue = 64, 8, 1, 2, 50, 64
     a.batch_size = a.batch_size or (64 if device.type == "cuda" else 32)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     print(f"# step time: {machine(device)}")
     print(f"# {a.arch}, {a.img_size} px, batch {a.batch_size}, median of {a.steps} steps\n")
 
+    # The first training steps of a process are ~10x slow (one-off library and allocator set-up);
+    # pay that here, or it lands on whichever method runs first when --warmup is small.
+    time_it(bound(a, device, 1, 1), device, 1, 1)
     rows, out = [], {"machine": machine(device), "args": vars(a), "methods": {}}
     for name in a.methods.split(","):
         build, build_bound = METHODS[name]
@@ -323,9 +346,14 @@ def main():
     print(f"| the same with PIL blur, i.e. the official MoCo loader | {d['official_moco_ms']:.2f} |")
     print(f"| ratio torchvision / ours | {d['torchvision_ms'] / d['ours_ms']:.2f}x |")
     print(f"| ratio official MoCo / ours | {d['official_moco_ms'] / d['ours_ms']:.2f}x |")
-    print(f"\nblur: PIL GaussianBlur {d['blur_pil_ms']:.2f} ms vs torchvision 23-px kernel "
-          f"{d['blur_tv_ms']:.2f} ms per 224 px image; |difference| max/mean by sigma: "
-          + ", ".join(f"{s}: {m}/{mean:.2f}" for s, (m, mean) in d["blur_diff"].items()))
+    print(f"\n# blur alone, one 224 px tile ({d['source']}): PIL GaussianBlur(radius=sigma) (ours, as the official "
+          "MoCo code) vs torchvision gaussian_blur(23, sigma)\n")
+    print("| | PIL | torchvision 23 px | ratio |\n|---|---|---|---|")
+    print(f"| ms per image (sigma 1.0) | {d['blur_pil_ms']:.2f} | {d['blur_tv_ms']:.2f} | "
+          f"{d['blur_tv_ms'] / d['blur_pil_ms']:.1f}x |")
+    print("\n| sigma | max abs pixel difference | mean abs difference |\n|---|---|---|")
+    for s, (m, mean) in d["blur_diff"].items():
+        print(f"| {s} | {m} | {mean:.2f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str))
 

@@ -207,9 +207,9 @@ class GaussianBlur:
 
     kernel=None applies PIL's GaussianBlur(radius=sigma), exactly what the official MoCo and
     OpenSelfSup (ConCL's NCT recipes) code does. methods.md 0.4 suggests torchvision's 23-px
-    kernel everywhere instead (kernel=23): on a real NCT tile the two differ by < 1 grey level
-    on average (at most 16 at sharp edges; PIL approximates the Gaussian with box blurs) and the
-    exact kernel costs 5-6x more CPU (12 vs 2 ms at 224 px, one core).
+    kernel everywhere instead (kernel=23): on real NCT tiles the two differ by < 1 grey level
+    on average (up to ~30 at sharp edges; PIL approximates the Gaussian with box blurs) and the
+    exact kernel costs 5-6x more CPU (11 vs 2 ms at 224 px, one core).
     """
 
     def __init__(self, sigma=(0.1, 2.0), kernel=None):
