@@ -33,9 +33,13 @@ from PIL import Image, ImageFilter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import byol  # noqa: E402
 import concl  # noqa: E402
+import densecl  # noqa: E402
 import moco  # noqa: E402
+import simclr  # noqa: E402
 from common import data as cdata  # noqa: E402
+from common import train as ctrain  # noqa: E402
 from common.masks import kmeans  # noqa: E402
 from common.models import resnet, resnet_maps  # noqa: E402
 
@@ -158,7 +162,38 @@ def concl_entry(concept):
     return build, lambda a, device: bound(a, device, 1, 1, int(concept == "kmeans"))
 
 
+def simclr_build(a, device):
+    model = prepare(simclr.SimCLR(a.arch), device)
+    x1, x2 = images(a, device), images(a, device)
+    opt = ctrain.LARS(ctrain.lars_param_groups(model, 1e-6), lr=0.1)  # the method's optimiser
+    return train_step(model, opt, lambda: model(x1, x2), a, device)
+
+
+def byol_build(a, device):
+    model = prepare(byol.BYOL(a.arch), device)
+    x1, x2 = images(a, device), images(a, device)
+    opt = ctrain.LARS(ctrain.lars_param_groups(model, 1.5e-6), lr=0.1)
+    step = train_step(model, opt, lambda: model(x1, x2), a, device)
+
+    def step_and_ema():
+        step()
+        model.momentum_update(0.996)  # after the optimiser step, as byol.train_one_epoch
+    return step_and_ema
+
+
+def densecl_build(a, device):
+    args = argparse.Namespace(arch=a.arch, dim=128, queue_size=a.queue, moco_m=0.999,
+                              temperature=0.2, bn_splits=bn_splits(a))
+    model = prepare(densecl.DenseCL(args), device)
+    xq, xk = images(a, device), images(a, device)
+    return train_step(model, sgd(model.parameters()), lambda: model(xq, xk, 0.5), a, device)
+
+
+# name -> (build the method's step, build its backbone-only bound: online, target views)
 METHODS = {"moco_v2": moco_entry("v2"), "moco_v1": moco_entry("v1"),
+           "simclr": (simclr_build, lambda a, device: bound(a, device, 2, 0)),
+           "byol": (byol_build, lambda a, device: bound(a, device, 2, 2)),
+           "densecl": (densecl_build, lambda a, device: bound(a, device, 1, 1)),
            "concl_grid": concl_entry("grid"), "concl_fh": concl_entry("fh"),
            "concl_kmeans": concl_entry("kmeans")}
 
