@@ -112,10 +112,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         x1, x2 = (run.images(v) for v in batch["views"])
         with run.autocast():
             loss, parts = model(x1, x2)
-        trainer.check(loss, parts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.backward_step(optimizer, loss, parts)
         # EMA after the optimiser step, as OpenSelfSup's BYOLHook.after_train_iter (P17); m is a
         # function of the global step, so a resumed run needs no momentum state.
         m = ctrain.cosine_momentum(args.base_momentum, it, total_steps)

@@ -281,10 +281,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         ref = run.images(batch["ref"]) if concepts and args.concept == "kmeans" else None
         with run.autocast():
             loss, parts = model(x_q, x_k, batch, ref, concepts)
-        trainer.check(loss, parts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.backward_step(optimizer, loss, parts)
         trainer.update(parts, lr)
 
 

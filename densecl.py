@@ -127,10 +127,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         x_q, x_k = (run.images(v) for v in batch["views"])
         with run.autocast():
             loss, parts = model(x_q, x_k, lam)
-        trainer.check(loss, parts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.backward_step(optimizer, loss, parts)
         trainer.update(parts, lr)
 
 

@@ -113,10 +113,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         x1, x2 = (run.images(v) for v in batch["views"])
         with run.autocast():
             loss, parts = model(x1, x2)
-        trainer.check(loss, parts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.backward_step(optimizer, loss, parts)
         trainer.update(parts, lr)
 
 

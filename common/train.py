@@ -230,7 +230,7 @@ class Trainer:
         trainer = Trainer(run, model, optimizer, loader, sampler, backbone_fn)
         for epoch in trainer.epochs():
             for step, batch in trainer.steps(epoch):
-                ...; trainer.check(loss, parts); backward; step; trainer.update(parts, lr)
+                ...; trainer.backward_step(optimizer, loss, parts); trainer.update(parts, lr)
     """
 
     def __init__(self, run, model, optimizer, loader, sampler, backbone, extra_log=None):
@@ -341,6 +341,13 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite loss at epoch {self.epoch} step {self.step} ({shown});"
                                 f" {self.ckpt_path} holds the last good state")
         self._stop_now = bool(flags[1])
+
+    def backward_step(self, optimizer, loss, parts):
+        """check() the loss, then the optimiser step: zero_grad, backward, step."""
+        self.check(loss, parts)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     def update(self, parts, lr):
         """After the optimiser step: accumulate this step's numbers (python floats)."""

@@ -136,6 +136,8 @@ def test_one_training_step_updates_target_as_ema_after_the_optimiser_step():
         epoch=0, steps_per_epoch=1, global_step=lambda: 0,
         steps=lambda epoch: iter([(0, {"views": [x1, x2]})]),
         check=lambda loss, parts: None, update=lambda parts, lr: logged.append((parts, lr)))
+    # the real optimiser step, around the stand-in's check
+    trainer.backward_step = lambda *a: ctrain.Trainer.backward_step(trainer, *a)
     run = types.SimpleNamespace(images=lambda v: v, autocast=contextlib.nullcontext)
     args = types.SimpleNamespace(scaled_lr=10.0, epochs=1, warmup_epochs=0, base_momentum=0.5)
     optimizer = ctrain.LARS(ctrain.lars_param_groups(model, 1.5e-6), lr=10.0)
