@@ -179,6 +179,14 @@ def test_each_concept_source_trains(tmp_path, concept):
         assert len(list((tmp_path / "masks").rglob("*.png"))) == 16  # FH computed once per tile
 
 
+@pytest.mark.parametrize("concept", ["grid", "fh"])
+def test_concept_sources_train_on_two_processes(tmp_path, concept):
+    run_script("concl.py", *TINY, "--batch-size", "4", "--concept", concept, "--vis-every", "0",
+               "--output-dir", tmp_path, nproc=2)
+    rows = log(tmp_path)
+    assert rows[1]["n_concepts"] > 0 and np.isfinite(rows[1]["loss_concept"])
+
+
 def test_file_concepts_from_a_mask_folder(tmp_path):
     imgs, masks = tmp_path / "imgs", tmp_path / "masks"
     imgs.mkdir(), masks.mkdir()
