@@ -1,8 +1,13 @@
-"""Backbones and the BN emulation shared by the MoCo family."""
+"""Backbones, the BN emulation shared by the MoCo family, and loading pre-trained bodies."""
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+from common.data import DataError
 
 ARCHS = ("resnet18", "resnet50")
 
@@ -84,3 +89,83 @@ def resnet_maps(net, x, upto=5):
         x = layer(x)
         maps.append(x)
     return maps
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading pre-trained backbones (fine-tuning, probes)
+
+# Where a ResNet body sits inside the checkpoints people bring, most preferred first: ours
+# (backbone.pth has none; checkpoint.pth has encoder_q.0. / online.0. / backbone.), DDP and
+# torch.compile wrappers, official MoCo / DenseCL / OpenSelfSup / BYOL / DINO-style ones.
+# Among equally complete candidates the query/online/student encoder wins over its momentum twin.
+PREFERRED_PREFIXES = ("", "module.", "_orig_mod.", "encoder_q.0.", "encoder_q.", "module.encoder_q.",
+                      "module.encoder_q.0.", "online.0.", "online.", "backbone.", "module.backbone.",
+                      "encoder.", "model.", "student.", "module.encoder.", "student.backbone.")
+STATE_NESTS = ("state_dict", "model", "model_state_dict", "network", "student", "teacher")
+
+
+def _read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - e.g. an argparse.Namespace inside (DINO, DetCon ports)
+        pass
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"--pretrained {path}: not a PyTorch checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    print(f"note: {path} needed full unpickling (it holds more than tensors); load only "
+          "checkpoints you trust", file=sys.stderr)
+    return obj
+
+
+def _state_dicts(obj, where=""):
+    """Every tensor dict in a checkpoint, searched through the usual nests."""
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
+        if tensors:
+            yield where, tensors
+        for key in STATE_NESTS:
+            if isinstance(obj.get(key), dict):
+                yield from _state_dicts(obj[key], f"{where}[{key!r}]")
+
+
+def load_pretrained(net, spec):
+    """Load a ResNet body (everything but `fc`) into `net` from `spec` ("random" or a path) and
+    return a one-line report. Accepts our backbone.pth and checkpoint.pth, torchvision ResNet
+    files and third-party self-supervised checkpoints: the tensors are looked for in
+    `state_dict` / `model` / ... nests and under whichever key prefix holds a complete body.
+    Raises DataError naming the file when no complete body is there (a foreign or mismatched
+    architecture) rather than fine-tuning a half-random network."""
+    if spec == "random":
+        return "random initialisation (torchvision's)"
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"--pretrained {spec}: no such file (or 'random')")
+    want = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    required = [k for k in want if not k.endswith("num_batches_tracked")]  # old files lack it
+    best = None  # (matched, -preference, where, prefix, tensors)
+    for where, sd in _state_dicts(_read_checkpoint(path)):
+        prefixes = {k[:len(k) - len(t)] for k in sd for t in required if k.endswith("." + t) or k == t}
+        for p in prefixes:
+            got = {t: sd[p + t] for t in want if p + t in sd and sd[p + t].shape == want[t].shape}
+            pref = PREFERRED_PREFIXES.index(p) if p in PREFERRED_PREFIXES else len(PREFERRED_PREFIXES)
+            cand = (sum(t in got for t in required), -pref, where, p, got, sd)
+            if best is None or cand[:2] > best[:2]:
+                best = cand
+    if best is None or best[0] < len(required):
+        found = 0 if best is None else best[0]
+        hint = ""
+        if best is not None:
+            miss = next(t for t in required if t not in best[4])
+            have = best[5].get(best[3] + miss)
+            hint = (f"; e.g. {best[3]}{miss} " + ("is missing" if have is None else
+                    f"has shape {tuple(have.shape)}, not {tuple(want[miss].shape)}"))
+        raise DataError(f"--pretrained {spec}: holds {found} of the {len(required)} tensors of a "
+                        f"{type(net).__name__} body (wrong --arch, or not a ResNet checkpoint){hint}")
+    matched, _, where, prefix, got, sd = best
+    missing = net.load_state_dict(got, strict=False).missing_keys
+    assert all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in missing), missing
+    return (f"loaded {len(got)} backbone tensors from {spec}{where or ''}"
+            f"{f' under prefix {prefix!r}' if prefix else ''}; ignored {len(sd) - len(got)} "
+            f"other tensors there")
