@@ -1,0 +1,254 @@
+"""The detection fine-tuner's parts: the torchvision detectors configured as the ConCL
+benchmark's Detectron2 configs, an iteration-based resumable batch sampler, precise BN, and COCO
+evaluation with pycocotools.
+
+Detectron2 -> torchvision, as ConCL's `benchmarks/detection/configs/{GlaS,CRAG}/*_R_18_FPN_1x*.yaml`
+(on top of Detectron2's Base-RCNN-FPN and defaults):
+- ResNet body FREEZE_AT 0 and NORM SyncBN: every layer trains, BN included. FrozenBN with random or
+  self-supervised weights (Detectron2's default for ImageNet weights) sent the losses to NaN
+  within two iterations here. FPN NORM SyncBN as well; box head 2 FC, mask head 4 convs, no norm.
+- RGB input, ImageNet mean/std, torchvision-style strides ("_moco" configs: STRIDE_IN_1X1 False).
+- MIN_SIZE_TRAIN (lo, hi) sampled as a "range" (each integer equally likely, per image),
+  MIN_SIZE_TEST, MAX_SIZE 1333; horizontal flip (common.glands, per (seed, pass, image)).
+- RPN: 2000 pre-NMS / 1000 post-NMS proposals per image in training (torchvision's default 2000
+  post-NMS is Detectron1's per-batch number), 1000 / 1000 at test; anchors 32..512, ratios 0.5-2.
+- 100 detections per image, score threshold 0.05, NMS 0.5 (RetinaNet too: torchvision's 300
+  would change AP against the paper's numbers).
+- TEST.PRECISE_BN enabled: BN statistics recomputed over 200 training batches before testing.
+"""
+import contextlib
+import io
+import math
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn as nn
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from tqdm import tqdm
+
+from common import dist as cdist
+from common.data import IMAGENET_MEAN, IMAGENET_STD, sample_seed
+from common.models import resnet
+from common.train import unwrap
+
+DETECTORS = ("maskrcnn", "retinanet")
+
+
+def build_detector(kind, arch, train_sizes, test_size, max_size=1333, rois_per_image=512,
+                   proposals=1000, detections=100):
+    """-> (detector, its ResNet body). One foreground class (gland): label 1.
+
+    rois_per_image (ROI_HEADS.BATCH_SIZE_PER_IMAGE), proposals (RPN post-NMS top-k, training and
+    test) and detections (TEST.DETECTIONS_PER_IMAGE) are Detectron2's defaults; the heads' cost
+    grows with them (the 4-conv mask head on every positive RoI dominates a CPU step)."""
+    body = resnet(arch)
+    c5 = body.feature_dim  # 512 (R18) or 2048 (R50)
+    common = dict(min_size=tuple(train_sizes), max_size=max_size, image_mean=IMAGENET_MEAN,
+                  image_std=IMAGENET_STD)
+    if kind == "maskrcnn":
+        fpn = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
+                              [c5 // 8, c5 // 4, c5 // 2, c5], 256, norm_layer=nn.BatchNorm2d)
+        model = MaskRCNN(fpn, num_classes=2, rpn_post_nms_top_n_train=proposals,
+                         rpn_post_nms_top_n_test=proposals, box_batch_size_per_image=rois_per_image,
+                         box_detections_per_img=detections, **common)
+    elif kind == "retinanet":  # Detectron2's RetinaNet: P3-P5 from C3-C5, P6/P7 from C5
+        fpn = BackboneWithFPN(body, {f"layer{i}": str(i - 2) for i in range(2, 5)},
+                              [c5 // 4, c5 // 2, c5], 256, extra_blocks=LastLevelP6P7(c5, 256),
+                              norm_layer=nn.BatchNorm2d)
+        model = RetinaNet(fpn, num_classes=2, detections_per_img=detections, **common)
+    else:
+        raise ValueError(f"--detector {kind!r}: choose from {', '.join(DETECTORS)}")
+    model.train_sizes, model.test_size = tuple(train_sizes), test_size
+    return model, fpn.body
+
+
+def set_mode(model, train):
+    """train(): random shortest edge from the training range; eval(): the test size."""
+    m = unwrap(model)
+    m.train(train)
+    m.transform.min_size = m.train_sizes if train else (m.test_size,)
+
+
+def detection_lr(base_lr, it, milestones, warmup_iters, warmup_factor=1e-3, gamma=0.1):
+    """Detectron2's WarmupMultiStepLR: linear warm-up from warmup_factor * lr over warmup_iters,
+    then x gamma at each milestone. A function of the iteration, so resume needs no state."""
+    lr = base_lr * gamma ** sum(it >= m for m in milestones)
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        lr *= warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def param_groups(model, weight_decay):
+    """Detectron2's default WEIGHT_DECAY_NORM = 0: no decay on normalisation parameters."""
+    norm, rest = [], []
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            if p.requires_grad:
+                (norm if isinstance(mod, nn.modules.batchnorm._NormBase) else rest).append(p)
+    return [dict(params=rest, weight_decay=weight_decay), dict(params=norm, weight_decay=0.0)]
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """Batches of (index, pass) for iterations start..total-1 of an iteration-based schedule.
+
+    The global index stream is a concatenation of passes over the data, each a permutation
+    seeded from (seed, pass); iteration t takes stream positions [t*G, (t+1)*G) for global batch
+    G, and this rank its own slice. Batches depend only on (seed, t, rank): a resumed run sees
+    exactly what the interrupted one would have, whatever the number of workers. The pass plays
+    the epoch's part in the dataset's augmentation seed (seed, pass, index).
+    """
+
+    def __init__(self, n, batch_size, world, rank, seed, start, total):
+        self.n, self.b, self.world, self.rank = n, batch_size, world, rank
+        self.seed, self.start, self.total = seed, start, total
+
+    def __iter__(self):
+        perm = (None, None)
+        for t in range(self.start, self.total):
+            batch = []
+            for pos in range((t * self.world + self.rank) * self.b,
+                             (t * self.world + self.rank + 1) * self.b):
+                if perm[0] != pos // self.n:
+                    g = torch.Generator().manual_seed(sample_seed(self.seed, pos // self.n))
+                    perm = (pos // self.n, torch.randperm(self.n, generator=g).tolist())
+                batch.append((perm[1][pos % self.n], pos // self.n))
+            yield batch
+
+    def __len__(self):
+        return self.total - self.start
+
+
+@torch.no_grad()
+def precise_bn(model, batches, num_iters, device):
+    """Recompute BN running statistics as the exact average over `num_iters` training batches
+    (Detectron2 TEST.PRECISE_BN, NUM_ITER 200): the EMA kept during training lags weights that
+    moved fast, which hurts a short fine-tuning schedule. Forward through the backbone + FPN only:
+    the heads have no BN."""
+    m = unwrap(model)
+    bns = [b for b in m.backbone.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_iters <= 0:
+        return
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None  # cumulative average: every batch weighs the same
+    set_mode(model, True)
+    for _, (images, _) in zip(range(num_iters), batches):
+        x, _ = m.transform([im.to(device) for im in images])
+        m.backbone(x.tensors)
+    for b, mom in zip(bns, momenta):
+        b.momentum = mom
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO evaluation
+
+def encode_masks(masks):
+    """(N, H, W) bool -> list of COCO RLEs (counts as str, JSON-ready)."""
+    rles = mask_util.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+def gt_record(image_id, target):
+    """Ground truth of one test image, compact (RLE masks) for COCO evaluation."""
+    masks = target["masks"].numpy().astype(bool)
+    h, w = masks.shape[1:]
+    return {"image_id": image_id, "height": h, "width": w,
+            "boxes": target["boxes"].numpy().tolist(),
+            "areas": masks.reshape(len(masks), -1).sum(1).tolist(), "rles": encode_masks(masks)}
+
+
+def pred_record(image_id, output, mask_threshold=0.5):
+    """Detections of one image: boxes (x0, y0, x1, y1), scores, and RLE masks at 0.5."""
+    rec = {"image_id": image_id, "boxes": output["boxes"].cpu().tolist(),
+           "scores": output["scores"].cpu().tolist()}
+    if "masks" in output:  # (N, 1, H, W) probabilities pasted into the image
+        rec["rles"] = encode_masks((output["masks"][:, 0] > mask_threshold).cpu().numpy())
+    return rec
+
+
+def _xywh(b):
+    return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_metrics(gts, preds, iou_types=("bbox", "segm")):
+    """COCO AP family in percent for each iou type, from gt_record / pred_record lists.
+
+    Areas for the S/M/L split are the gt mask areas (as in COCO). A metric with no ground truth
+    in its size range is None (COCO reports -1). No detections at all gives zeros.
+    """
+    anns, images = [], []
+    for g in gts:
+        images.append({"id": g["image_id"], "height": g["height"], "width": g["width"]})
+        for b, a, r in zip(g["boxes"], g["areas"], g["rles"]):
+            anns.append({"id": len(anns) + 1, "image_id": g["image_id"], "category_id": 1,
+                         "bbox": _xywh(b), "area": a, "segmentation": r, "iscrowd": 0})
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": images, "annotations": anns,
+                       "categories": [{"id": 1, "name": "gland"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+    out = {}
+    for iou_type in iou_types:
+        dets = []
+        for p in preds:
+            for i, (b, s) in enumerate(zip(p["boxes"], p["scores"])):
+                d = {"image_id": p["image_id"], "category_id": 1, "score": s, "bbox": _xywh(b)}
+                if iou_type == "segm":
+                    d["segmentation"] = p["rles"][i]
+                dets.append(d)
+        if not dets:
+            out[iou_type] = {k: 0.0 for k in STAT_NAMES}
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        out[iou_type] = {k: (None if v < 0 else round(100 * float(v), 3))
+                         for k, v in zip(STAT_NAMES, ev.stats[:6])}
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, masks=True, desc="test"):
+    """COCO metrics of `model` on `dataset` (each rank runs its share; rank 0 scores) and the
+    per-image predictions on this rank (for pictures)."""
+    set_mode(model, False)
+    rank, world = cdist.get_rank(), cdist.get_world_size()
+    gts, preds = [], []
+    ids = range(rank, len(dataset), world)
+    for i in tqdm(ids, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
+        image, target = dataset[i]
+        out = unwrap(model)([image.to(device).float().div_(255)])[0]
+        gts.append(gt_record(i, target))
+        preds.append(pred_record(i, out))
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (gts, preds))
+        gts = [g for part in gathered for g in part[0]]
+        preds_all = [p for part in gathered for p in part[1]]
+    else:
+        preds_all = preds
+    metrics = coco_metrics(gts, preds_all, ("bbox", "segm") if masks else ("bbox",))
+    return metrics, preds
+
+
+def mean_std(values):
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return round(m, 3), round(sd, 3)

@@ -1,0 +1,374 @@
+"""Fine-tune Mask R-CNN (ResNet-18/50 + FPN) on GlaS or CRAG and report COCO AP: the transfer
+benchmark of the ConCL paper (Yang et al., ECCV 2022, section 3.3, appendix C, Tables 1-3).
+
+Any of our `backbone.pth` / `checkpoint.pth`, a torchvision ResNet file or a third-party
+self-supervised checkpoint initialises the ResNet body; FPN and heads start random. Recipe
+(appendix C and the official Detectron2 configs): global batch 16, SGD lr 0.02 (scaled linearly),
+momentum 0.9, wd 1e-4 (none on BN), 1000-iteration linear warm-up; GlaS 1x = 5k iterations with
+lr x0.1 at 4k, CRAG 1x = 15k with x0.1 at 10k and 13k; `--schedule 2x` doubles both. Each
+setting runs 5 times with different seeds; the paper reports the mean.
+
+    torchrun --nproc_per_node=8 finetune_maskrcnn.py --data glas --data-root /data/GlaS \\
+        --pretrained runs/concl/backbone.pth --output-dir runs/ft-glas-concl     # Table 1 row
+    python finetune_maskrcnn.py --data demo --max-iters 200 --batch-size 4 --img-size 128 --runs 1
+
+A healthy log: `loss` (sum of the RPN, box and mask losses) falls from about 2-3 to well under 1
+within the first few hundred iterations and lr rises through the warm-up; a loss that jumps to
+NaN early points at frozen or mis-loaded BN statistics. Outputs: `run<i>/metrics.json` (COCO AP,
+AP50, AP75, APs/m/l for `bbox` and `segm`, in percent), `run<i>/model_final.pth`,
+`run<i>/log.jsonl`, `run<i>/vis/*.png` (predictions in magenta over ground truth in green), and
+over the runs `metrics.json` (means), `summary.json` (mean and std) and `results.md` (a table row).
+"""
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from common import dist as cdist
+from common import glands
+from common import train as ctrain
+from common.data import DataError, _worker_init, sample_seed
+from common.detection import (DETECTORS, IterationSampler, build_detector, detection_lr,
+                              evaluate, mean_std, param_groups, precise_bn, set_mode)
+from common.models import ARCHS, load_pretrained
+
+# The official configs (ConCL benchmarks/detection/configs/{GlaS,CRAG}/*_R_18_FPN_1x.yaml):
+# shortest-edge range in training, the test size, the 1x schedule, and Detectron2's RoI budgets.
+# Demo: small and quick; its images hold 2-8 glands, so it also samples fewer RoIs, proposals
+# and detections per image, which is what makes a CPU fine-tune take minutes, not hours.
+PAPER_HEADS = dict(rois_per_image=512, proposals=1000, detections=100)
+DATASETS = {
+    "glas": dict(iters=5000, steps=(4000,), warmup=1000, train_sizes=(400, 522), test_size=522,
+                 **PAPER_HEADS),
+    "crag": dict(iters=15000, steps=(10000, 13000), warmup=1000, train_sizes=(768, 1024),
+                 test_size=768, **PAPER_HEADS),
+    "demo": dict(iters=600, steps=(480,), warmup=50, train_sizes=(200, 256), test_size=256,
+                 rois_per_image=64, proposals=200, detections=20),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=list(DATASETS), default="demo",
+                   help="glas (test = testA + testB, 80 images), crag, demo (generated glands)")
+    g.add_argument("--data-root", help="GlaS folder (or its parent), CRAG folder (or its parent)")
+    g.add_argument("--demo-size", type=int, default=64, help="demo training images (test: 16)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="test shortest edge (default: GlaS 522, CRAG 768, demo 256, as the "
+                        "official configs); the training range scales with it")
+    g.add_argument("--train-sizes", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="training shortest-edge range (default GlaS 400 522, CRAG 768 1024; "
+                        "Detectron2's COCO default would be 640 800 with --img-size 800)")
+    g.add_argument("--max-size", type=int, default=1333)
+    g.add_argument("--workers", type=int, default=4)
+    g = p.add_argument_group("model")
+    g.add_argument("--detector", choices=DETECTORS, default="maskrcnn",
+                   help="retinanet: the paper's Table 2 (boxes only)")
+    g.add_argument("--arch", choices=ARCHS, default="resnet18")
+    g.add_argument("--pretrained", default="random", help="random | PATH to a checkpoint")
+    g.add_argument("--rois-per-image", type=int, default=None,
+                   help="RoIs sampled per image for the box/mask heads (default 512; demo 64)")
+    g.add_argument("--proposals", type=int, default=None,
+                   help="RPN proposals kept per image after NMS (default 1000; demo 200)")
+    g.add_argument("--detections", type=int, default=None,
+                   help="detections per test image (default 100; demo 20)")
+    g = p.add_argument_group("training")
+    g.add_argument("--schedule", default="1x", help="0.5x, 1x, 2x, 3x, 5x: scales iterations "
+                   "and lr steps (appendix C)")
+    g.add_argument("--max-iters", type=int, default=None,
+                   help="override the schedule's length (steps and warm-up scale with it): smoke runs")
+    g.add_argument("--batch-size", type=int, default=None, help="images per process (default 16 "
+                   "/ number of processes: the paper's global batch 16)")
+    g.add_argument("--lr", type=float, default=0.02, help="lr at global batch 16; scaled linearly")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--precise-bn", type=int, default=200,
+                   help="batches to recompute BN statistics over before testing (TEST.PRECISE_BN "
+                        "in the official configs); 0 = off")
+    g.add_argument("--runs", type=int, default=5, help="independent fine-tunings (seeds seed.."
+                   "seed+runs-1); the paper reports the mean of 5")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default=None, help="default runs/finetune_<data>")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate each run's model_final.pth again and rewrite the metrics")
+    g.add_argument("--vis", type=int, default=4, help="test images drawn with predictions per run")
+    g.add_argument("--log-every", type=int, default=20, help="iterations per log.jsonl line")
+    g.add_argument("--ckpt-every", type=int, default=500, help="iterations per checkpoint")
+    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(paper_batch=16)
+    args = p.parse_args(argv)
+    args.output_dir = args.output_dir or f"runs/finetune_{args.data}"
+    for k in PAPER_HEADS:
+        if getattr(args, k) is None:
+            setattr(args, k, DATASETS[args.data][k])
+    return args
+
+
+def schedule(args):
+    """(iterations, lr milestones, warm-up iterations) of the requested schedule."""
+    d = DATASETS[args.data]
+    try:
+        f = float(args.schedule.rstrip("x"))
+    except ValueError:
+        raise DataError(f"--schedule {args.schedule!r}: use e.g. 0.5x, 1x, 2x") from None
+    iters, steps, warmup = round(d["iters"] * f), [round(s * f) for s in d["steps"]], d["warmup"]
+    if args.max_iters:  # same shape, shorter
+        r = args.max_iters / iters
+        iters, steps, warmup = args.max_iters, [round(s * r) for s in steps], round(warmup * r)
+    return iters, steps, min(warmup, iters)
+
+
+def to_device(images, targets, device):
+    """uint8 images to [0, 1] floats on the device (the model normalises and resizes)."""
+    return ([im.to(device, non_blocking=True).float().div_(255) for im in images],
+            [{k: t[k].to(device) for k in ("boxes", "labels", "masks")} for t in targets])
+
+
+def train_batches(loader, device):
+    for images, targets in loader:
+        yield to_device(images, targets, device)
+
+
+def train_one_run(args, run, r, out, train_set):
+    """Fine-tune one model (seed args.seed + r) into `out`, resuming from out/checkpoint.pth."""
+    seed, device = args.seed + r, run.device
+    iters, steps, warmup = schedule(args)
+    torch.manual_seed(sample_seed(seed, 2**31))  # heads and FPN: same on every rank
+    model, body = build_detector(args.detector, args.arch, args.train_sizes, args.img_size,
+                                 args.max_size, args.rois_per_image, args.proposals, args.detections)
+    report = load_pretrained(body, args.pretrained)
+    model = run.sync_bn(model).to(device)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.scaled_lr,
+                                momentum=args.momentum)
+    start, history, sums, ckpt = 0, [], {}, out / "checkpoint.pth"
+    keys = ("data", "detector", "arch", "pretrained", "schedule", "max_iters", "img_size", "lr",
+            "rois_per_image", "proposals")
+    if ckpt.exists():
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        for k in keys:
+            if ck["args"][k] != getattr(args, k):
+                raise DataError(f"{ckpt} was written with --{k.replace('_', '-')} "
+                                f"{ck['args'][k]}, not {getattr(args, k)}; use another --output-dir")
+        ctrain.unwrap(model).load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        start, history, sums = ck["iter"], ck["history"], ck["sums"]
+        run.print(f"run {r}: resumed from {ckpt} at iteration {start}")
+    if run.main:
+        ctrain.atomic_write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    run.print(f"run {r}: {report}")
+
+    def save(it):
+        if run.main:
+            ctrain.atomic_save({"model": ctrain.unwrap(model).state_dict(),
+                                "optimizer": optimizer.state_dict(), "iter": it,
+                                "history": history, "sums": sums, "args": vars(args)}, ckpt)
+        cdist.barrier()
+
+    ddp = run.wrap(model)
+    sampler = IterationSampler(len(train_set), args.batch_size, run.world, run.rank, seed,
+                               start, iters)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                                         collate_fn=glands.collate, pin_memory=run.cuda,
+                                         worker_init_fn=_worker_init)
+    set_mode(ddp, True)
+    bar = tqdm(total=iters, initial=start, desc=f"run {r}", disable=not run.main,
+               dynamic_ncols=True, file=sys.stdout)
+    t_end, run.in_loop = time.perf_counter(), True
+    for it, (images, targets) in zip(range(start, iters), loader):
+        t_data = time.perf_counter() - t_end
+        torch.manual_seed(sample_seed(seed, it, run.rank))  # resize sizes, RoI sampling
+        images, targets = to_device(images, targets, device)
+        lr = detection_lr(args.scaled_lr, it, steps, warmup)
+        ctrain.set_lr(optimizer, lr)
+        with run.autocast():
+            parts = ddp(images, targets)
+        loss = sum(parts.values())
+        stop = run.stop_signal is not None or (
+            args.stop_after_steps is not None and run.steps_this_run + 1 >= args.stop_after_steps)
+        flags = torch.tensor([float(not torch.isfinite(loss.detach())), float(stop)], device=device)
+        cdist.all_reduce(flags, "max")
+        if flags[0]:
+            shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+            raise ctrain.NonFiniteLoss(f"run {r}: non-finite loss at iteration {it} ({shown}); "
+                                       f"{ckpt} holds the last good state")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.steps_this_run += 1
+        dt, t_end = time.perf_counter() - t_end, time.perf_counter()
+        for k, v in {"loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                     "lr": lr, "it_per_s": 1 / dt, "data_time": t_data}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        sums["n"] = sums.get("n", 0) + 1
+        bar.update(1)
+        bar.set_postfix_str(f"loss {loss.item():.3f} lr {lr:.3g} {1 / dt:.2f} it/s")
+        if (it + 1) % args.log_every == 0 or it + 1 == iters:
+            n = sums.pop("n")
+            rec = {"iter": it + 1, **{k: v / n for k, v in sums.items()}}
+            history.append(rec)
+            sums = {}
+            if run.main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if flags[1] or (it + 1) % args.ckpt_every == 0:
+            save(it + 1)
+            if flags[1]:
+                run.in_loop = False
+                bar.close()
+                name = signal.Signals(run.stop_signal).name if run.stop_signal else "--stop-after-steps"
+                run.print(f"stopped by {name} at iteration {it + 1}; rerun the same command to resume")
+                cdist.cleanup()
+                sys.exit(143 if run.stop_signal == signal.SIGTERM else 130 if run.stop_signal else 0)
+    bar.close()
+    run.in_loop = False
+    if start < iters:
+        save(iters)
+    torch.manual_seed(sample_seed(seed, iters, run.rank, 1))  # resize sizes in precise BN
+    precise_bn(ddp, train_batches(loader_for(args, train_set, run, seed, iters), device),
+               args.precise_bn, device)
+    if run.main:
+        ctrain.atomic_save(ctrain.unwrap(model).state_dict(), out / "model_final.pth")
+    cdist.barrier()
+    return model
+
+
+def loader_for(args, train_set, run, seed, start):
+    """Batches after the schedule's end (same stream) for precise BN; smoke runs cap it."""
+    n = min(args.precise_bn, args.max_iters) if args.max_iters else args.precise_bn
+    sampler = IterationSampler(len(train_set), args.batch_size, run.world, run.rank, seed,
+                               start, start + n)
+    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                                       collate_fn=glands.collate,
+                                       worker_init_fn=_worker_init)
+
+
+def test_run(args, run, r, out, model, test_set):
+    metrics, _ = evaluate(model, test_set, run.device, masks=args.detector == "maskrcnn",
+                          desc=f"run {r} test")
+    if run.main:
+        ctrain.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        run.print(f"run {r}: " + "  ".join(f"{t} AP {m['AP']} AP50 {m['AP50']} AP75 {m['AP75']}"
+                                           for t, m in metrics.items()))
+        if args.vis:
+            draw(model, test_set, out / "vis", args.vis, run.device)
+    cdist.barrier()
+    return metrics
+
+
+@torch.no_grad()
+def draw(model, test_set, folder, n, device, score=0.5):
+    """Predicted masks (score >= 0.5) in magenta over the ground truth in green."""
+    folder.mkdir(exist_ok=True)
+    set_mode(model, False)
+    for i in range(min(n, len(test_set))):
+        image, target = test_set[i]
+        o = ctrain.unwrap(model)([image.to(device).float().div_(255)])[0]
+        rgb = image.permute(1, 2, 0).numpy()
+        rgb = glands.overlay(rgb, target["masks"].numpy().astype(bool), (0, 200, 0))
+        keep = o["scores"] >= score
+        if "masks" in o:
+            pred = (o["masks"][keep, 0] > 0.5).cpu().numpy()
+        else:  # RetinaNet: boxes as filled outlines
+            pred = np.zeros((int(keep.sum()), *rgb.shape[:2]), bool)
+            for j, (x0, y0, x1, y1) in enumerate(o["boxes"][keep].round().int().tolist()):
+                pred[j, y0:y1, x0:x1] = True
+        rgb = glands.overlay(rgb, pred, (230, 0, 230))
+        Image.fromarray(rgb).save(folder / f"{target.get('name', i)}.png")
+
+
+def summarise(args, run, all_metrics):
+    """Mean and std over runs: metrics.json (means), summary.json, results.md (a table row)."""
+    summary = {"runs": len(all_metrics), "pretrained": args.pretrained, "detector": args.detector,
+               "arch": args.arch, "data": args.data, "schedule": args.schedule, "per_run": all_metrics}
+    means = {}
+    for t in all_metrics[0]:
+        means[t] = {}
+        for k in all_metrics[0][t]:
+            m, sd = mean_std([mt[t][k] for mt in all_metrics])
+            means[t][k] = m
+            summary.setdefault("mean", {}).setdefault(t, {})[k] = m
+            summary.setdefault("std", {}).setdefault(t, {})[k] = sd
+    cols = [(t, k) for t in means for k in ("AP", "AP50", "AP75")]
+    row = (f"| {Path(args.pretrained).parent.name or args.pretrained} | {args.detector} "
+           f"{args.arch} | {args.schedule if not args.max_iters else f'{args.max_iters} it'} | "
+           + " | ".join(f"{summary['mean'][t][k]} ± {summary['std'][t][k]}" for t, k in cols) + " |")
+    header = ("| pre-training | detector | schedule | "
+              + " | ".join(f"{k}{'bb' if t == 'bbox' else 'mk'}" for t, k in cols) + " |\n"
+              + "|---" * (3 + len(cols)) + "|\n")
+    summary["markdown"] = header + row
+    out = Path(args.output_dir)
+    ctrain.atomic_write_text(out / "metrics.json", json.dumps(means, indent=2))
+    ctrain.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    ctrain.atomic_write_text(out / "results.md", summary["markdown"] + "\n")
+    run.print(f"mean over {len(all_metrics)} run(s) (± std):\n{summary['markdown']}")
+
+
+def main():
+    args = get_args()
+    run = ctrain.Run(args, "finetune")
+    d = DATASETS[args.data]
+    test_size = args.img_size or d["test_size"]
+    if args.train_sizes is None:  # the official range, scaled with the test size
+        args.train_sizes = [round(s * test_size / d["test_size"]) for s in d["train_sizes"]]
+    args.img_size = test_size
+    lo, hi = args.train_sizes
+    if not 0 < lo <= hi:
+        raise DataError(f"--train-sizes {lo} {hi}: need 0 < LO <= HI")
+    args.train_sizes = list(range(lo, hi + 1))  # Detectron2 "range": every integer equally likely
+    iters, steps, warmup = schedule(args)
+    if args.runs < 1:
+        raise DataError("--runs must be at least 1")
+
+    train_set = glands.build_gland_dataset(args.data, args.data_root, "train", True, args.seed,
+                                           args.demo_size)
+    test_set = glands.build_gland_dataset(args.data, args.data_root, "test", False, args.seed,
+                                          args.demo_size)
+    if len(train_set) < run.global_batch:
+        raise DataError(f"{len(train_set)} training images are fewer than one global batch "
+                        f"({run.global_batch}); lower --batch-size")
+    run.print(f"{args.detector} {args.arch} from {args.pretrained} on {args.data}: "
+              f"{len(train_set)} train / {len(test_set)} test images"
+              f"{f' ({len(test_set.empty)} without glands)' if getattr(test_set, 'empty', None) else ''}"
+              f", global batch {run.global_batch} = {run.world} x {args.batch_size}, lr "
+              f"{args.scaled_lr:.4g}, {iters} iterations (x0.1 at {steps}, warm-up {warmup}), "
+              f"shortest edge {lo}-{hi} (test {test_size}), {args.runs} run(s) -> {run.out}")
+    if run.main:
+        ctrain.atomic_write_text(run.out / "args.json", json.dumps(vars(args), indent=2, default=str))
+    all_metrics = []
+    for r in range(args.runs):
+        out = run.out / f"run{r}"
+        if run.main:
+            out.mkdir(parents=True, exist_ok=True)
+        cdist.barrier()
+        if (out / "metrics.json").exists() and not args.eval_only:
+            all_metrics.append(json.loads((out / "metrics.json").read_text()))
+            run.print(f"run {r}: done before, metrics from {out / 'metrics.json'}")
+            continue
+        if args.eval_only:
+            if not (out / "model_final.pth").exists():
+                raise DataError(f"--eval-only: {out / 'model_final.pth'} does not exist")
+            model, _ = build_detector(args.detector, args.arch, args.train_sizes, args.img_size,
+                                      args.max_size, args.rois_per_image, args.proposals,
+                                      args.detections)
+            model.load_state_dict(torch.load(out / "model_final.pth", map_location="cpu"))
+            model = model.to(run.device)
+        else:
+            model = train_one_run(args, run, r, out, train_set)
+        all_metrics.append(test_run(args, run, r, out, model, test_set))
+    if run.main:
+        summarise(args, run, all_metrics)
+
+
+if __name__ == "__main__":
+    ctrain.main_guard(main)

@@ -1,0 +1,157 @@
+"""The fine-tuner's parts against hand-computed values: COCO AP of known geometries, the
+appendix C schedules, the iteration sampler, the detector's configuration, checkpoint loading."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import finetune_maskrcnn as ft
+from common.data import DataError
+from common.detection import (IterationSampler, build_detector, coco_metrics, detection_lr,
+                              gt_record, param_groups, pred_record)
+from common.models import load_pretrained, resnet
+
+
+def square_target(boxes, h=200, w=300):
+    masks = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes):
+        m[y0:y1, x0:x1] = 1
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "masks": masks}
+
+
+def as_output(target, scores):
+    return {"boxes": target["boxes"], "scores": torch.tensor(scores),
+            "masks": target["masks"][:, None].float()}
+
+
+def test_coco_perfect_predictions_give_100():
+    t = square_target([(10, 20, 110, 120), (150, 30, 260, 90)])
+    m = coco_metrics([gt_record(0, t)], [pred_record(0, as_output(t, [0.9, 0.8]))])
+    for iou in ("bbox", "segm"):
+        assert m[iou]["AP"] == m[iou]["AP50"] == m[iou]["AP75"] == 100.0
+        assert m[iou]["APs"] is None  # no ground truth under 32^2 px: undefined, not 0
+
+
+def test_coco_shifted_boxes_hand_computed():
+    # Shifting a 100 x 100 square by 20 px: IoU = 80*100 / (120*100) = 0.667. It is a true
+    # positive at the IoU thresholds 0.50, 0.55, 0.60, 0.65 and a miss at 0.70..0.95, so
+    # AP50 = 100, AP75 = 0 and AP (mean over the 10 thresholds) = 40.
+    gt = square_target([(10, 20, 110, 120)])
+    shifted = square_target([(30, 20, 130, 120)])
+    m = coco_metrics([gt_record(0, gt)], [pred_record(0, as_output(shifted, [0.9]))])
+    for iou in ("bbox", "segm"):
+        assert m[iou]["AP50"] == 100.0 and m[iou]["AP75"] == 0.0
+        assert m[iou]["AP"] == pytest.approx(40.0, abs=0.01)
+
+
+def test_coco_missed_object_and_no_detections():
+    # One of two glands found (perfectly), nothing else: recall 1/2 at precision 1. COCO's
+    # 101-point interpolated AP = 51/101 (recall points 0.00..0.50 have precision 1).
+    t = square_target([(10, 20, 110, 120), (150, 30, 260, 90)])
+    found = {"boxes": t["boxes"][:1], "masks": t["masks"][:1]}
+    m = coco_metrics([gt_record(0, t)], [pred_record(0, as_output(found, [0.9]))])
+    assert m["bbox"]["AP"] == pytest.approx(100 * 51 / 101, abs=0.01)
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 200, 300)}
+    m = coco_metrics([gt_record(0, t)], [pred_record(0, empty)])
+    assert m["bbox"]["AP"] == 0.0 and m["segm"]["AP50"] == 0.0
+
+
+def schedule_of(data, schedule, max_iters=None):
+    return ft.schedule(argparse.Namespace(data=data, schedule=schedule, max_iters=max_iters))
+
+
+def test_schedules_match_appendix_c():
+    assert schedule_of("glas", "1x") == (5000, [4000], 1000)
+    assert schedule_of("glas", "0.5x") == (2500, [2000], 1000)
+    assert schedule_of("glas", "2x") == (10000, [8000], 1000)
+    assert schedule_of("crag", "1x") == (15000, [10000, 13000], 1000)
+    assert schedule_of("crag", "0.5x") == (7500, [5000, 6500], 1000)
+    assert schedule_of("crag", "2x") == (30000, [20000, 26000], 1000)
+    assert schedule_of("glas", "1x", max_iters=50) == (50, [40], 10)
+    with pytest.raises(DataError, match="--schedule"):
+        schedule_of("glas", "long")
+
+
+def test_detection_lr_warmup_and_steps():
+    # Detectron2 WarmupMultiStepLR: factor 0.001 at 0 rising linearly to 1 at warm-up's end.
+    assert detection_lr(0.02, 0, [4000], 1000) == pytest.approx(0.02 * 0.001)
+    assert detection_lr(0.02, 500, [4000], 1000) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert detection_lr(0.02, 1000, [4000], 1000) == pytest.approx(0.02)
+    assert detection_lr(0.02, 3999, [4000], 1000) == pytest.approx(0.02)
+    assert detection_lr(0.02, 4000, [4000], 1000) == pytest.approx(0.002)
+    assert detection_lr(0.02, 13000, [10000, 13000], 1000) == pytest.approx(0.0002)
+
+
+def test_iteration_sampler_is_global_and_resumable():
+    n, iters = 10, 7
+    one = list(IterationSampler(n, 4, 1, 0, seed=3, start=0, total=iters))
+    two = [list(IterationSampler(n, 2, 2, r, seed=3, start=0, total=iters)) for r in range(2)]
+    for t in range(iters):  # two processes of 2 = one process of 4, batch for batch
+        assert two[0][t] + two[1][t] == one[t]
+    stream = [key for b in one for key in b]
+    for p in range(len(stream) // n):  # every pass over the data is a permutation, tagged p
+        assert sorted(i for i, _ in stream[p * n:(p + 1) * n]) == list(range(n))
+        assert {q for _, q in stream[p * n:(p + 1) * n]} == {p}
+    assert list(IterationSampler(n, 4, 1, 0, seed=3, start=4, total=iters)) == one[4:]
+    assert one != list(IterationSampler(n, 4, 1, 0, seed=4, start=0, total=iters))
+
+
+def test_detector_trains_every_layer_with_real_bn():
+    model, body = build_detector("maskrcnn", "resnet18", (100, 128), 128)
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    frozen = [m for m in model.modules() if isinstance(m, torchvision.ops.FrozenBatchNorm2d)]
+    assert not frozen and len(bn) == 20 + 8  # ResNet-18 body (20) + FPN lateral/output (4 + 4)
+    assert all(p.requires_grad for p in model.parameters())
+    assert body is model.backbone.body
+    groups = param_groups(model, 1e-4)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for m in bn for p in m.parameters()}
+    retina, _ = build_detector("retinanet", "resnet18", (100, 128), 128)
+    assert retina.detections_per_img == 100
+
+
+def test_load_pretrained_prefix_styles(tmp_path):
+    src = resnet("resnet18")
+    sd = src.state_dict()
+    styles = {
+        "backbone.pth": sd,  # ours
+        "torchvision.pth": {**sd, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)},
+        "moco_official.pth": {"arch": "resnet18", "state_dict": {
+            **{f"module.encoder_q.{k}": v for k, v in sd.items()},
+            **{f"module.encoder_k.{k}": torch.zeros_like(v) for k, v in sd.items()}}},
+        "ours_checkpoint.pth": {"model": {f"encoder_q.0.{k}": v for k, v in sd.items()},
+                                "epoch": 3},
+        "compiled_ddp.pth": {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}},
+        "openselfsup.pth": {"state_dict": {f"backbone.{k}": v for k, v in sd.items()}},
+        "encoder.pth": {"state_dict": {f"encoder.{k}": v for k, v in sd.items()}},
+        "byol_ours.pth": {"model": {**{f"online.0.{k}": v for k, v in sd.items()},
+                                    **{f"target.0.{k}": torch.zeros_like(v) for k, v in sd.items()}}},
+    }
+    for name, obj in styles.items():
+        torch.save(obj, tmp_path / name)
+        net = resnet("resnet18")
+        report = load_pretrained(net, str(tmp_path / name))
+        assert "loaded 122" in report or "loaded 120" in report, (name, report)
+        for k, v in sd.items():  # query / online encoder, never the zeroed momentum twin
+            assert torch.equal(net.state_dict()[k], v), (name, k)
+
+
+def test_load_pretrained_refuses_foreign(tmp_path):
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(DataError, match="r50.pth.*wrong --arch"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "r50.pth"))
+    torch.save({"state_dict": nn.Linear(3, 4).state_dict()}, tmp_path / "linear.pth")
+    with pytest.raises(DataError, match="linear.pth.*holds 0 of"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "linear.pth"))
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(DataError, match="text.pth: not a PyTorch checkpoint"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "text.pth"))
+    with pytest.raises(DataError, match="no such file"):
+        load_pretrained(resnet("resnet18"), str(tmp_path / "missing.pth"))
+    net = resnet("resnet18")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert "random" in load_pretrained(net, "random")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
