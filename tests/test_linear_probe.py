@@ -1,0 +1,192 @@
+"""linear_probe.py and common/knn.py: the kNN vote, the metrics and the linear probe against
+independent references, then the script end to end on demo tiles and a small folder tree."""
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from common.data import IMAGENET_MEAN, IMAGENET_STD, DataError
+from common.demo import DemoTiles
+from common.knn import accuracy, extract_features, knn_predict, macro_f1, tile_loader
+from common.models import resnet
+from conftest import run_script
+from linear_probe import datasets, stratified_subset, train_linear
+
+SMALL = ["--data", "demo", "--img-size", "64", "--demo-size", "60", "--demo-test-size", "30",
+         "--workers", "0", "--probe-epochs", "30"]
+
+
+# ----------------------------------------------------------------------------- kNN
+def brute_force_knn(train_f, train_y, test_f, num_classes, k, T):
+    """One test row at a time in plain Python: cosine to every train row, the k largest,
+    exp(sim / T) summed per class."""
+    preds = []
+    for q in test_f.tolist():
+        sims = []
+        for f, y in zip(train_f.tolist(), train_y.tolist()):
+            dot = sum(a * b for a, b in zip(q, f))
+            norm = math.sqrt(sum(a * a for a in q)) * math.sqrt(sum(b * b for b in f))
+            sims.append((dot / norm, y))
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * num_classes
+        for s, y in sims[:k]:
+            votes[y] += math.exp(s / T)
+        preds.append(max(range(num_classes), key=lambda c: votes[c]))
+    return preds
+
+
+def test_knn_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(30, 8, generator=g), torch.randn(10, 8, generator=g)
+    train_y = torch.randint(0, 3, (30,), generator=g)
+    want = brute_force_knn(train_f, train_y, test_f, 3, k=5, T=0.07)
+    assert knn_predict(train_f, train_y, test_f, 3, k=5, T=0.07, chunk=3).tolist() == want
+    # a larger temperature flattens the weights towards a plain majority vote: still the same
+    want = brute_force_knn(train_f, train_y, test_f, 3, k=5, T=1.0)
+    assert knn_predict(train_f, train_y, test_f, 3, k=5, T=1.0).tolist() == want
+
+
+def test_knn_k1_on_its_own_bank_is_perfect_and_k_is_clamped():
+    g = torch.Generator().manual_seed(1)
+    f, y = torch.randn(25, 16, generator=g), torch.randint(0, 4, (25,), generator=g)
+    assert accuracy(knn_predict(f, y, f, 4, k=1), y) == 100.0
+    # k larger than the bank: every row sees all 25 neighbours; no error
+    assert knn_predict(f, y, f, 4, k=1000).shape == (25,)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_accuracy_and_macro_f1_by_hand():
+    target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])
+    pred = torch.tensor([0, 0, 1, 1, 1, 0, 2, 0])
+    # confusion matrix (rows true, columns predicted):
+    #          p0 p1 p2 p3
+    #     t0 [ 2  1  0  0 ]
+    #     t1 [ 0  2  0  0 ]
+    #     t2 [ 1  0  1  0 ]
+    #     t3 [ 1  0  0  0 ]      class 3 is never predicted
+    # class 0: tp 2, fp 2, fn 1 -> P 1/2, R 2/3, F1 = 2 * (1/2)(2/3) / (1/2 + 2/3) = 4/7
+    # class 1: tp 2, fp 1, fn 0 -> P 2/3, R 1,   F1 = 4/5
+    # class 2: tp 1, fp 0, fn 1 -> P 1,   R 1/2, F1 = 2/3
+    # class 3: tp 0, fp 0, fn 1 -> F1 = 0
+    # class 4 (num_classes=5) is in neither: left out of the mean
+    assert accuracy(pred, target) == 100 * 5 / 8
+    want = 100 * (4 / 7 + 4 / 5 + 2 / 3 + 0) / 4  # 50.95...
+    assert abs(macro_f1(pred, target, 5) - want) < 1e-9
+    # a class only predicted (4) counts too, with F1 0: (1 + 0 + 0) / 3 over classes {0, 1, 4}
+    assert abs(macro_f1(torch.tensor([0, 4]), torch.tensor([0, 1]), 5) - 100 / 3) < 1e-9
+    assert macro_f1(target, target, 5) == 100.0
+
+
+# ----------------------------------------------------------------------------- probe parts
+def test_linear_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(4, 32, generator=g) * 3
+
+    def sample(n):
+        y = torch.arange(n) % 4
+        return centres[y] + 0.3 * torch.randn(n, 32, generator=g), y
+
+    (x, y), (xt, yt) = sample(200), sample(100)
+    clf, loss = train_linear(x, y, 4, epochs=30, lr=1e-3, weight_decay=1e-5, batch_size=32, seed=0)
+    with torch.no_grad():
+        assert accuracy(clf(xt).argmax(1), yt) == 100.0
+    assert loss < 0.1 * math.log(4)
+
+
+def test_stratified_subset_keeps_every_class():
+    y = torch.tensor([0] * 50 + [1] * 10 + [2] * 3)
+    idx = stratified_subset(y, 0.1, torch.Generator().manual_seed(0))
+    assert torch.bincount(y[idx]).tolist() == [5, 1, 1]  # round(0.3) = 0 -> at least one
+    assert len(set(idx.tolist())) == len(idx)
+    assert len(stratified_subset(y, 1.0, torch.Generator().manual_seed(0))) == len(y)
+
+
+def test_extract_features_leaves_the_backbone_alone():
+    net = resnet("resnet18").train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = tile_loader(DemoTiles(6, seed=0, size=64), 32, 4, 0)
+    f, y = extract_features(net, loader, torch.device("cpu"))
+    assert f.shape == (6, 512) and f.dtype == torch.float32 and y.tolist() == [0, 1, 2, 3, 4, 5]
+    assert net.training  # mode restored
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_demo_fractions_cache_and_metrics(tmp_path):
+    out = tmp_path / "probe"
+    argv = ["linear_probe.py", *SMALL, "--pretrained", "random", "--label-fraction", "10", "100",
+            "--runs", "2", "--output-dir", out]
+    first = run_script(*argv)
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "knn_accuracy"):
+        assert 0 <= m[key] <= 100
+    assert set(m["by_fraction"]) == {"10", "100"} and len(m["runs"]) == 4
+    assert m["accuracy"] == m["by_fraction"]["100"]["accuracy"]["mean"]
+    assert {r["num_train"] for r in m["runs"]} == {6, 60}  # 10% of 10 per class x 6 classes
+    assert m["num_test"] == 30 and m["pretrained"] == "random" and m["load_report"]
+    assert "| 10% | 2 |" in first.stdout
+    mtime = (out / "features.pt").stat().st_mtime_ns
+    second = run_script(*argv)
+    assert "reusing cached features" in second.stdout
+    assert (out / "features.pt").stat().st_mtime_ns == mtime
+    assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]  # deterministic
+
+
+def test_torchvision_state_dict_loads_and_gives_its_features(tmp_path):
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")  # with fc: the probe ignores it
+    out = tmp_path / "probe"
+    run_script("linear_probe.py", *SMALL, "--pretrained", tmp_path / "tv.pth", "--runs", "1",
+               "--output-dir", out)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["load_report"].startswith("loaded") and 0 <= m["accuracy"] <= 100
+    # the cached features are that network's pooled features of the tiles, computed here by hand
+    tv.fc = torch.nn.Identity()
+    tiles = DemoTiles(60, seed=0, size=64)
+    x = torch.stack([torch.from_numpy(np.asarray(tiles[i][0], np.float32) / 255).permute(2, 0, 1)
+                     for i in range(3)])
+    x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        want = tv.eval()(x)
+    got = torch.load(out / "features.pt", weights_only=True)["train"][0][:3]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_garbage_checkpoint_is_one_line_exit_2(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"this is not a checkpoint")
+    p = run_script("linear_probe.py", *SMALL, "--pretrained", tmp_path / "bad.pth",
+                   "--output-dir", tmp_path / "out", check=False)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --pretrained") and "bad.pth" in lines[0]
+
+
+def test_folder_tree_with_held_out_fraction(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, colour in (("pink", (230, 120, 200)), ("blue", (90, 60, 160))):
+        (tmp_path / "tiles" / c).mkdir(parents=True)
+        for i in range(10):
+            a = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(tmp_path / "tiles" / c / f"{i}.png")
+    out = tmp_path / "probe"
+    run_script("linear_probe.py", "--data", "folder", "--data-root", tmp_path / "tiles",
+               "--img-size", "32", "--workers", "0", "--runs", "1", "--probe-epochs", "20",
+               "--output-dir", out)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classes"] == ["blue", "pink"] and (m["num_train"], m["num_test"]) == (16, 4)
+    assert m["knn_accuracy"] == 100.0  # two flat colours: trivially separable
+    args = argparse.Namespace(data="folder", data_root=tmp_path / "tiles", train_list=None,
+                              test_root=tmp_path / "nowhere", skip_bad=False)
+    with pytest.raises(DataError, match="--test-root .*nowhere is not an existing folder"):
+        datasets(args)
+    (tmp_path / "tiles" / "stray.png").write_bytes((tmp_path / "tiles/blue/0.png").read_bytes())
+    args.test_root = None
+    with pytest.raises(DataError, match="class sub-folder"):
+        datasets(args)
