@@ -43,6 +43,13 @@ def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
     g.add_argument("--arch", choices=ARCHS, default="resnet18")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--knn-every", type=int, default=10,
+                   help="every N epochs (and after the last) log the backbone's 20-NN accuracy "
+                        "on held-out labelled tiles; 0 = off. Off by itself without labels")
+    g.add_argument("--knn-data-root", help="labelled class-folder tree the monitor queries, e.g. "
+                   "CRC-VAL-HE-7K (default: training tiles the model is not ranked on)")
+    g.add_argument("--knn-size", type=int, default=3000,
+                   help="monitor bank size (queries: a third as many); demo: 180")
     # For tests of pre-emption: behave as if SIGTERM arrived during this run's N-th step.
     g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(paper_batch=batch_size)
@@ -217,6 +224,75 @@ def export_backbone(backbone, path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Online kNN monitor
+
+class KNNMonitor:
+    """20-NN accuracy (cosine, exp(sim / 0.07) votes; common.knn) of the backbone's pooled
+    features: a cheap health signal while pre-training, logged as `knn_accuracy`. Bank and
+    queries are fixed sets of labelled tiles, centre-cropped at --img-size: demo tiles drawn with
+    other seeds than the training tiles (--data demo), or a seeded sample of the training tiles
+    (their labels are never used in training) queried with --knn-data-root tiles when given,
+    else with other training tiles. Each process embeds its share; all rank identically."""
+
+    @staticmethod
+    def build(run, base):
+        """The monitor the flags ask for, or None (off, or no labels to monitor with)."""
+        args = run.args
+        if not getattr(args, "knn_every", 0):
+            return None
+        if args.data == "demo":
+            from common.demo import DemoTiles
+            bank = DemoTiles(180, cdata.sample_seed(args.seed, 1), args.img_size)
+            queries = DemoTiles(90, cdata.sample_seed(args.seed, 2), args.img_size)
+            return KNNMonitor(run, bank, queries, len(bank.classes))
+        labelled = [i for i, y in enumerate(getattr(base, "targets", [])) if y >= 0]
+        if not labelled:
+            run.print("note: no class labels in the training data: kNN monitor off")
+            return None
+        g = torch.Generator().manual_seed(cdata.sample_seed(args.seed, 3))
+        order = [labelled[i] for i in torch.randperm(len(labelled), generator=g).tolist()]
+        n_bank, n_query = args.knn_size, max(1, args.knn_size // 3)
+        bank = torch.utils.data.Subset(base, order[:n_bank])
+        if args.knn_data_root:
+            other = (cdata.nct_dataset if args.data == "nct" else cdata.folder_dataset)(
+                args.knn_data_root)
+            if other.classes != base.classes:
+                raise cdata.DataError(f"--knn-data-root {args.knn_data_root}: classes "
+                                      f"{other.classes} differ from the training data's {base.classes}")
+            q = torch.randperm(len(other), generator=g)[:n_query].tolist()
+            queries = torch.utils.data.Subset(other, q)
+        else:
+            queries = torch.utils.data.Subset(base, order[n_bank:n_bank + n_query])
+        if len(queries) == 0:
+            run.print("note: too few labelled tiles for a held-out kNN query set: monitor off")
+            return None
+        return KNNMonitor(run, bank, queries, len(base.classes))
+
+    def __init__(self, run, bank, queries, num_classes):
+        self.run, self.bank, self.queries, self.num_classes = run, bank, queries, num_classes
+
+    def _embed(self, backbone, dataset):
+        from common.knn import extract_features, tile_loader
+        run = self.run
+        share = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
+        workers = min(run.args.workers, 4) if len(dataset) > 1000 else 0
+        f, y = extract_features(backbone, tile_loader(share, run.args.img_size, 128, workers),
+                                run.device, progress=False)
+        if run.world > 1:
+            parts = [None] * run.world
+            torch.distributed.all_gather_object(parts, (f, y))
+            f, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return f, y
+
+    def __call__(self, backbone):
+        from common.knn import accuracy, knn_predict
+        bank_f, bank_y = self._embed(backbone, self.bank)
+        query_f, query_y = self._embed(backbone, self.queries)
+        pred = knn_predict(bank_f.to(self.run.device), bank_y, query_f, self.num_classes)
+        return round(accuracy(pred, query_y), 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Resume and the epoch loop
 
 class NonFiniteLoss(Exception):
@@ -240,6 +316,7 @@ class Trainer:
         self.steps_per_epoch = len(sampler) // loader.batch_size
         self.epoch, self.step, self.sums, self.history = 0, 0, {}, []
         self.ckpt_path = run.out / "checkpoint.pth"
+        self.monitor = KNNMonitor.build(run, getattr(loader.dataset, "base", loader.dataset))
         self._resume()
         if run.main:  # now that the script has derived everything (scaled lr, BN groups, ...)
             atomic_write_text(run.out / "args.json", json.dumps(vars(run.args), indent=2, default=str))
@@ -368,6 +445,9 @@ class Trainer:
         for (k, _), v in zip(self.sums.items(), totals.tolist()):
             rec[k] = v if k == "skipped" else v / n / run.world
         rec.update(self.extra_log)
+        last = self.epoch + 1 == run.args.epochs
+        if self.monitor and ((self.epoch + 1) % run.args.knn_every == 0 or last):
+            rec["knn_accuracy"] = self.monitor(self.backbone)
         self.history.append(rec)
         self.epoch, self.step, self.sums = self.epoch + 1, 0, {}
         self.save()  # checkpoint first: log.jsonl is rewritten from its history on resume
