@@ -16,3 +16,17 @@ def test_step_time_runs_every_method(tmp_path):
         assert m["step_s"] > 0 and m["bound_s"] > 0
     assert res["data"]["ours_ms"] > 0 and res["data"]["torchvision_ms"] > 0
     assert "| moco_v2 |" in p.stdout and "b-ConCL extra part" in p.stdout
+    from tests.conftest import REPO
+    present = [m for m in ("simclr", "moco", "byol", "densecl", "detcon", "concl", "mcl", "pixcon")
+               if (REPO / f"{m}.py").exists()]
+    for m in present:  # a method file without a benchmark entry fails here
+        assert any(name.startswith(m) for name in bench.METHODS), m
+
+
+def test_finetune_benchmark_runs(tmp_path):
+    out = tmp_path / "ft.json"
+    p = run_script("benchmarks/finetune_time.py", "--quick", "--warmup", "0", "--steps", "1",
+                   "--json", out)
+    res = json.loads(out.read_text())
+    assert res["step_s"] > 0 and res["bound_s"] > 0 and res["GlaS 1x"] > 0
+    assert "step / backbone-only bound" in p.stdout
