@@ -207,12 +207,13 @@ def train_one_run(args, run, r, out, train_set):
         optimizer.step()
         run.steps_this_run += 1
         dt, t_end = time.perf_counter() - t_end, time.perf_counter()
-        for k, v in {"loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                     "lr": lr, "it_per_s": 1 / dt, "data_time": t_data}.items():
+        values = torch.stack([loss, *parts.values()]).detach().tolist()  # one device sync
+        for k, v in {**dict(zip(["loss", *parts], values)), "lr": lr, "it_per_s": 1 / dt,
+                     "data_time": t_data}.items():
             sums[k] = sums.get(k, 0.0) + v
         sums["n"] = sums.get("n", 0) + 1
         bar.update(1)
-        bar.set_postfix_str(f"loss {loss.item():.3f} lr {lr:.3g} {1 / dt:.2f} it/s")
+        bar.set_postfix_str(f"loss {values[0]:.3f} lr {lr:.3g} {1 / dt:.2f} it/s")
         if (it + 1) % args.log_every == 0 or it + 1 == iters:
             n = sums.pop("n")
             rec = {"iter": it + 1, **{k: v / n for k, v in sums.items()}}
@@ -253,7 +254,7 @@ def loader_for(args, train_set, run, seed, start):
                                        worker_init_fn=_worker_init)
 
 
-def test_run(args, run, r, out, model, test_set):
+def score_run(args, run, r, out, model, test_set):
     metrics, _ = evaluate(model, test_set, run.device, masks=args.detector == "maskrcnn",
                           desc=f"run {r} test")
     if run.main:
@@ -365,7 +366,7 @@ def main():
             model = model.to(run.device)
         else:
             model = train_one_run(args, run, r, out, train_set)
-        all_metrics.append(test_run(args, run, r, out, model, test_set))
+        all_metrics.append(score_run(args, run, r, out, model, test_set))
     if run.main:
         summarise(args, run, all_metrics)
 

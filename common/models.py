@@ -166,6 +166,13 @@ def load_pretrained(net, spec):
     matched, _, where, prefix, got, sd = best
     missing = net.load_state_dict(got, strict=False).missing_keys
     assert all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in missing), missing
+    ignored = {}
+    for k in sd:
+        if not (k.startswith(prefix) and k[len(prefix):] in got):
+            rest = k[len(prefix):] if k.startswith(prefix) else k
+            depth = 2 if prefix and rest.split(".")[0] == prefix.split(".")[0] else 1
+            group = ".".join(rest.split(".")[:depth])  # e.g. encoder_k, or encoder_q.1 (head)
+            ignored[group] = ignored.get(group, 0) + 1
+    shown = ", ".join(f"{g}.* ({n})" for g, n in sorted(ignored.items())) or "nothing"
     return (f"loaded {len(got)} backbone tensors from {spec}{where or ''}"
-            f"{f' under prefix {prefix!r}' if prefix else ''}; ignored {len(sd) - len(got)} "
-            f"other tensors there")
+            f"{f' under prefix {prefix!r}' if prefix else ''}; ignored {shown}")

@@ -1,0 +1,19 @@
+"""The point of it all, on demo data: a short MoCo v2 pre-training gives features whose 20-NN
+accuracy on held-out demo tiles clearly beats a random ResNet-18's (the README's tour numbers)."""
+import json
+
+from conftest import run_script
+
+
+def test_moco_v2_beats_random_init_on_knn(tmp_path):
+    run_script("moco.py", "--data", "demo", "--epochs", "3", "--batch-size", "32", "--img-size", "64",
+               "--queue-size", "512", "--workers", "1", "--output-dir", tmp_path / "moco",
+               env={"OMP_NUM_THREADS": "2"})
+    knn = {}
+    for name, weights in (("random", "random"), ("moco", tmp_path / "moco" / "backbone.pth")):
+        run_script("linear_probe.py", "--data", "demo", "--img-size", "64", "--runs", "1",
+                   "--workers", "0", "--pretrained", weights, "--output-dir", tmp_path / name,
+                   env={"OMP_NUM_THREADS": "2"})
+        knn[name] = json.loads((tmp_path / name / "metrics.json").read_text())["knn_accuracy"]
+    # measured: random 66.0, MoCo v2 81.3 (300 test tiles: one tile is 0.33 points)
+    assert knn["moco"] > knn["random"] + 8, knn
