@@ -21,7 +21,6 @@ over the runs `metrics.json` (means), `summary.json` (mean and std) and `results
 """
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from common import dist as cdist
 from common import glands
 from common import train as ctrain
-from common.data import DataError, _worker_init, sample_seed
+from common.data import DataError, sample_seed, worker_init
 from common.detection import (DETECTORS, IterationSampler, build_detector, detection_lr,
                               evaluate, mean_std, param_groups, precise_bn, set_mode)
 from common.models import ARCHS, load_pretrained
@@ -61,7 +60,8 @@ def get_args(argv=None):
     g.add_argument("--data", choices=list(DATASETS), default="demo",
                    help="glas (test = testA + testB, 80 images), crag, demo (generated glands)")
     g.add_argument("--data-root", help="GlaS folder (or its parent), CRAG folder (or its parent)")
-    g.add_argument("--demo-size", type=int, default=64, help="demo training images (test: 16)")
+    g.add_argument("--demo-size", type=int, default=64,
+                   help="demo training fields (test fields: a quarter as many)")
     g.add_argument("--img-size", type=int, default=None,
                    help="test shortest edge (default: GlaS 522, CRAG 768, demo 256, as the "
                         "official configs); the training range scales with it")
@@ -152,14 +152,11 @@ def train_one_run(args, run, r, out, train_set):
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.scaled_lr,
                                 momentum=args.momentum)
     start, history, sums, ckpt = 0, [], {}, out / "checkpoint.pth"
-    keys = ("data", "detector", "arch", "pretrained", "schedule", "max_iters", "img_size", "lr",
-            "rois_per_image", "proposals")
     if ckpt.exists():
         ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-        for k in keys:
-            if ck["args"][k] != getattr(args, k):
-                raise DataError(f"{ckpt} was written with --{k.replace('_', '-')} "
-                                f"{ck['args'][k]}, not {getattr(args, k)}; use another --output-dir")
+        ctrain.check_resume_args(ckpt, ck["args"], args, (
+            "data", "detector", "arch", "pretrained", "schedule", "max_iters", "img_size", "lr",
+            "rois_per_image", "proposals"))
         ctrain.unwrap(model).load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         start, history, sums = ck["iter"], ck["history"], ck["sums"]
@@ -176,16 +173,18 @@ def train_one_run(args, run, r, out, train_set):
         cdist.barrier()
 
     ddp = run.wrap(model)
-    sampler = IterationSampler(len(train_set), args.batch_size, run.world, run.rank, seed,
-                               start, iters)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                                         collate_fn=glands.collate, pin_memory=run.cuda,
-                                         worker_init_fn=_worker_init)
+    def batches(first, end):  # iterations first..end-1 of this run's stream
+        sampler = IterationSampler(len(train_set), args.batch_size, run.world, run.rank, seed,
+                                   first, end)
+        return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=glands.collate,
+                                           num_workers=args.workers, pin_memory=run.cuda,
+                                           worker_init_fn=worker_init)
+
     set_mode(ddp, True)
     bar = tqdm(total=iters, initial=start, desc=f"run {r}", disable=not run.main,
                dynamic_ncols=True, file=sys.stdout)
     t_end, run.in_loop = time.perf_counter(), True
-    for it, (images, targets) in zip(range(start, iters), loader):
+    for it, (images, targets) in zip(range(start, iters), batches(start, iters)):
         t_data = time.perf_counter() - t_end
         torch.manual_seed(sample_seed(seed, it, run.rank))  # resize sizes, RoI sampling
         images, targets = to_device(images, targets, device)
@@ -194,11 +193,8 @@ def train_one_run(args, run, r, out, train_set):
         with run.autocast():
             parts = ddp(images, targets)
         loss = sum(parts.values())
-        stop = run.stop_signal is not None or (
-            args.stop_after_steps is not None and run.steps_this_run + 1 >= args.stop_after_steps)
-        flags = torch.tensor([float(not torch.isfinite(loss.detach())), float(stop)], device=device)
-        cdist.all_reduce(flags, "max")
-        if flags[0]:
+        nonfinite, stop = run.agree(loss)
+        if nonfinite:
             shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
             raise ctrain.NonFiniteLoss(f"run {r}: non-finite loss at iteration {it} ({shown}); "
                                        f"{ckpt} holds the last good state")
@@ -222,40 +218,27 @@ def train_one_run(args, run, r, out, train_set):
             if run.main:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-        if flags[1] or (it + 1) % args.ckpt_every == 0:
+        if stop or (it + 1) % args.ckpt_every == 0:
             save(it + 1)
-            if flags[1]:
-                run.in_loop = False
+            if stop:
                 bar.close()
-                name = signal.Signals(run.stop_signal).name if run.stop_signal else "--stop-after-steps"
-                run.print(f"stopped by {name} at iteration {it + 1}; rerun the same command to resume")
-                cdist.cleanup()
-                sys.exit(143 if run.stop_signal == signal.SIGTERM else 130 if run.stop_signal else 0)
+                run.leave(f"iteration {it + 1}")
     bar.close()
     run.in_loop = False
     if start < iters:
         save(iters)
+    # BN statistics from the batches after the schedule's end (smoke runs use fewer)
+    n_bn = min(args.precise_bn, args.max_iters) if args.max_iters else args.precise_bn
     torch.manual_seed(sample_seed(seed, iters, run.rank, 1))  # resize sizes in precise BN
-    precise_bn(ddp, train_batches(loader_for(args, train_set, run, seed, iters), device),
-               args.precise_bn, device)
+    precise_bn(ddp, train_batches(batches(iters, iters + n_bn), device), n_bn, device)
     if run.main:
         ctrain.atomic_save(ctrain.unwrap(model).state_dict(), out / "model_final.pth")
     cdist.barrier()
     return model
 
 
-def loader_for(args, train_set, run, seed, start):
-    """Batches after the schedule's end (same stream) for precise BN; smoke runs cap it."""
-    n = min(args.precise_bn, args.max_iters) if args.max_iters else args.precise_bn
-    sampler = IterationSampler(len(train_set), args.batch_size, run.world, run.rank, seed,
-                               start, start + n)
-    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                                       collate_fn=glands.collate,
-                                       worker_init_fn=_worker_init)
-
-
 def score_run(args, run, r, out, model, test_set):
-    metrics, _ = evaluate(model, test_set, run.device, masks=args.detector == "maskrcnn",
+    metrics = evaluate(model, test_set, run.device, masks=args.detector == "maskrcnn",
                           desc=f"run {r} test")
     if run.main:
         ctrain.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

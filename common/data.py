@@ -325,7 +325,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
-def _worker_init(_):
+def worker_init(_):
     # A scheduler's SIGTERM (or Ctrl-C) reaches the whole process group. The main process
     # checkpoints after the current step and needs its workers alive until then.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -351,7 +351,7 @@ def pretrain_loader(dataset, batch_size, workers, seed, device):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
-        worker_init_fn=_worker_init,
+        worker_init_fn=worker_init,
         prefetch_factor=4 if workers > 0 else None)
     return loader, sampler
 

@@ -223,8 +223,7 @@ def coco_metrics(gts, preds, iou_types=("bbox", "segm")):
 
 @torch.no_grad()
 def evaluate(model, dataset, device, masks=True, desc="test"):
-    """COCO metrics of `model` on `dataset` (each rank runs its share; rank 0 scores) and the
-    per-image predictions on this rank (for pictures)."""
+    """COCO metrics of `model` on `dataset`: each rank runs its share, every rank scores all."""
     set_mode(model, False)
     rank, world = cdist.get_rank(), cdist.get_world_size()
     gts, preds = [], []
@@ -238,11 +237,8 @@ def evaluate(model, dataset, device, masks=True, desc="test"):
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, (gts, preds))
         gts = [g for part in gathered for g in part[0]]
-        preds_all = [p for part in gathered for p in part[1]]
-    else:
-        preds_all = preds
-    metrics = coco_metrics(gts, preds_all, ("bbox", "segm") if masks else ("bbox",))
-    return metrics, preds
+        preds = [p for part in gathered for p in part[1]]
+    return coco_metrics(gts, preds, ("bbox", "segm") if masks else ("bbox",))
 
 
 def mean_std(values):

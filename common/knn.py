@@ -42,7 +42,7 @@ def tile_loader(dataset, img_size, batch_size, workers):
     running when a job is pre-empted finishes its pass."""
     return torch.utils.data.DataLoader(
         CentreTiles(dataset, img_size), batch_size=batch_size, shuffle=False,
-        num_workers=workers, worker_init_fn=cdata._worker_init,
+        num_workers=workers, worker_init_fn=cdata.worker_init,
         prefetch_factor=4 if workers > 0 else None)
 
 

@@ -97,6 +97,26 @@ class Run:
         if self.main:
             print(*a, **kw, flush=True)
 
+    def agree(self, loss):
+        """Before backward, every rank: (is the loss non-finite anywhere, stop after this step?)
+        -- a signal arrived, or --stop-after-steps (tests of pre-emption) is reached."""
+        stop = self.stop_signal is not None or (
+            self.args.stop_after_steps is not None
+            and self.steps_this_run + 1 >= self.args.stop_after_steps)
+        flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop)],
+                             device=self.device)
+        cdist.all_reduce(flags, "max")
+        return bool(flags[0]), bool(flags[1])
+
+    def leave(self, where):
+        """After the checkpoint of a stopped run: say so and exit (143 SIGTERM, 130 SIGINT)."""
+        self.in_loop = False
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "--stop-after-steps"
+        self.print(f"stopped by {name} at {where}; checkpoint saved. Rerun the same command to "
+                   "resume.")
+        cdist.cleanup()
+        sys.exit(143 if self.stop_signal == signal.SIGTERM else 130 if self.stop_signal else 0)
+
     def autocast(self):
         if self.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -122,6 +142,15 @@ class Run:
             return model
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False)
+
+
+def check_resume_args(path, saved, args, keys):
+    """A checkpoint continues only the run that wrote it: these flags must match."""
+    for key in keys:
+        old, new = saved.get(key), getattr(args, key)
+        if old != new:
+            raise cdata.DataError(f"{path} was written with --{key.replace('_', '-')} {old}, "
+                                  f"not {new}; use another --output-dir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +360,8 @@ class Trainer:
         except Exception as e:
             raise cdata.DataError(f"cannot read {self.ckpt_path} ({e}); move it away to start "
                                   "afresh") from None
-        for key in ("arch", "img_size", "epochs", "seed") + tuple(getattr(args, "resume_keys", ())):
-            old, new = ck["args"].get(key), getattr(args, key)
-            if old != new:
-                raise cdata.DataError(f"{self.ckpt_path} was written with --{key.replace('_', '-')}"
-                                      f" {old}, not {new}; use another --output-dir")
+        check_resume_args(self.ckpt_path, ck["args"], args, ("arch", "img_size", "epochs", "seed")
+                          + tuple(getattr(args, "resume_keys", ())))
         unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.epoch, self.step, self.history = ck["epoch"], ck["step"], ck["history"]
@@ -395,29 +421,18 @@ class Trainer:
                                           for k in ("loss", "lr", "img_per_s", "data_time")))
             if self._stop_now:
                 bar.close()
-                run.in_loop = False
                 self.save()
-                name = signal.Signals(run.stop_signal).name if run.stop_signal else "--stop-after-steps"
-                run.print(f"stopped by {name} at epoch {epoch} step {self.step}; checkpoint "
-                          f"saved to {self.ckpt_path}. Rerun the same command to resume.")
-                cdist.cleanup()
-                sys.exit(143 if run.stop_signal == signal.SIGTERM else 130 if run.stop_signal else 0)
+                run.leave(f"epoch {epoch} step {self.step}")
         bar.close()
         run.in_loop = False
 
     def check(self, loss, parts):
         """Before backward: agree across ranks on a non-finite loss and on pre-emption."""
-        run = self.run
-        stop = run.stop_signal is not None or (
-            run.args.stop_after_steps is not None and run.steps_this_run + 1 >= run.args.stop_after_steps)
-        flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop)],
-                             device=run.device)
-        cdist.all_reduce(flags, "max")
-        if flags[0]:
+        nonfinite, self._stop_now = self.run.agree(loss)
+        if nonfinite:
             shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
             raise NonFiniteLoss(f"non-finite loss at epoch {self.epoch} step {self.step} ({shown});"
                                 f" {self.ckpt_path} holds the last good state")
-        self._stop_now = bool(flags[1])
 
     def backward_step(self, optimizer, loss, parts):
         """check() the loss, then the optimiser step: zero_grad, backward, step."""
