@@ -163,15 +163,17 @@ def gt_record(image_id, target):
     h, w = masks.shape[1:]
     return {"image_id": image_id, "height": h, "width": w,
             "boxes": target["boxes"].numpy().tolist(),
-            "areas": masks.reshape(len(masks), -1).sum(1).tolist(), "rles": encode_masks(masks)}
+            "areas": masks.sum((1, 2)).tolist(), "rles": encode_masks(masks)}
 
 
 def pred_record(image_id, output, mask_threshold=0.5):
-    """Detections of one image: boxes (x0, y0, x1, y1), scores, and RLE masks at 0.5."""
-    rec = {"image_id": image_id, "boxes": output["boxes"].cpu().tolist(),
-           "scores": output["scores"].cpu().tolist()}
+    """Detections of one image: boxes (x0, y0, x1, y1), scores, and RLE masks at 0.5. Only the
+    gland class (label 1) counts: RetinaNet's sigmoid head also scores label 0 (background)."""
+    keep = output["labels"] == 1 if "labels" in output else slice(None)
+    rec = {"image_id": image_id, "boxes": output["boxes"][keep].cpu().tolist(),
+           "scores": output["scores"][keep].cpu().tolist()}
     if "masks" in output:  # (N, 1, H, W) probabilities pasted into the image
-        rec["rles"] = encode_masks((output["masks"][:, 0] > mask_threshold).cpu().numpy())
+        rec["rles"] = encode_masks((output["masks"][keep, 0] > mask_threshold).cpu().numpy())
     return rec
 
 
@@ -185,7 +187,9 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 def coco_metrics(gts, preds, iou_types=("bbox", "segm")):
     """COCO AP family in percent for each iou type, from gt_record / pred_record lists.
 
-    Areas for the S/M/L split are the gt mask areas (as in COCO). A metric with no ground truth
+    Areas for the S/M/L split are mask areas for both ground truth and detections in `segm`, as
+    COCO and Detectron2 (a segm detection must not carry its box, or pycocotools takes the box
+    area and files a thin mask under the wrong size). A metric with no ground truth
     in its size range is None (COCO reports -1). No detections at all gives zeros.
     """
     anns, images = [], []
@@ -204,9 +208,11 @@ def coco_metrics(gts, preds, iou_types=("bbox", "segm")):
         dets = []
         for p in preds:
             for i, (b, s) in enumerate(zip(p["boxes"], p["scores"])):
-                d = {"image_id": p["image_id"], "category_id": 1, "score": s, "bbox": _xywh(b)}
+                d = {"image_id": p["image_id"], "category_id": 1, "score": s}
                 if iou_type == "segm":
                     d["segmentation"] = p["rles"][i]
+                else:
+                    d["bbox"] = _xywh(b)
                 dets.append(d)
         if not dets:
             out[iou_type] = {k: 0.0 for k in STAT_NAMES}

@@ -10,7 +10,7 @@ import torchvision
 import finetune_maskrcnn as ft
 from common.data import DataError
 from common.detection import (IterationSampler, build_detector, coco_metrics, detection_lr,
-                              gt_record, param_groups, pred_record)
+                              evaluate, gt_record, param_groups, pred_record)
 from common.models import load_pretrained, resnet
 
 
@@ -56,6 +56,52 @@ def test_coco_missed_object_and_no_detections():
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 200, 300)}
     m = coco_metrics([gt_record(0, t)], [pred_record(0, empty)])
     assert m["bbox"]["AP"] == 0.0 and m["segm"]["AP50"] == 0.0
+
+
+def test_coco_segm_sizes_use_mask_areas():
+    # A small gland (20 x 20 = 400 px < 32^2) found perfectly at score 0.5, and a false positive
+    # at 0.9: a thin diagonal whose mask (120 px) is small but whose box (61 x 60) is medium.
+    # COCO files a segm detection under its mask area, so for APs both detections count: the FP
+    # ranks first, precision 1/2 at recall 1, APs = 50. Filed under its box area the FP would
+    # be ignored in APs (100). For boxes the FP is medium, so bbox APs = 100 is right.
+    gt = square_target([(10, 10, 30, 30)])
+    fp = torch.zeros(200, 300)
+    for i in range(60):
+        fp[100 + i, 100 + i] = fp[100 + i, 101 + i] = 1
+    out = {"boxes": torch.tensor([[10.0, 10, 30, 30], [100, 100, 161, 160]]),
+           "scores": torch.tensor([0.5, 0.9]),
+           "masks": torch.stack([gt["masks"][0].float(), fp])[:, None]}
+    m = coco_metrics([gt_record(0, gt)], [pred_record(0, out)])
+    assert m["segm"]["APs"] == 50.0 and m["segm"]["AP"] == 50.0
+    assert m["bbox"]["APs"] == 100.0 and m["bbox"]["AP"] == 50.0
+
+
+class FixedDetector(nn.Module):
+    """Stands in for a detector in `evaluate`: returns the given output for each test image."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+        self.transform, self.train_sizes, self.test_size = argparse.Namespace(), (64,), 64
+
+    def forward(self, images):
+        self.calls += 1
+        return [self.outputs[self.calls - 1]]
+
+
+def test_evaluate_scores_test_images_without_glands():
+    # GlaS/CRAG test sets may hold an image with no gland: no ground truth, and every detection
+    # on it is a false positive. Image 0: one gland found at score 0.5; image 1: empty, one
+    # detection at 0.9 (and one of RetinaNet's background-label detections, which must not
+    # count). Precision 1/2 at recall 1 -> AP50 = 50.
+    t = square_target([(10, 20, 110, 120)])
+    empty = {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 200, 300, dtype=torch.uint8)}
+    image = torch.zeros(3, 200, 300, dtype=torch.uint8)
+    hit = {**as_output(t, [0.5]), "labels": torch.tensor([1])}
+    fp = {**as_output(square_target([(50, 50, 150, 150), (0, 0, 9, 9)]), [0.9, 0.95]),
+          "labels": torch.tensor([1, 0])}
+    m = evaluate(FixedDetector([hit, fp]), [(image, t), (image, empty)], "cpu")
+    assert m["bbox"]["AP50"] == 50.0 and m["segm"]["AP50"] == 50.0
 
 
 def schedule_of(data, schedule, max_iters=None):
@@ -128,6 +174,13 @@ def test_load_pretrained_prefix_styles(tmp_path):
         "encoder.pth": {"state_dict": {f"encoder.{k}": v for k, v in sd.items()}},
         "byol_ours.pth": {"model": {**{f"online.0.{k}": v for k, v in sd.items()},
                                     **{f"target.0.{k}": torch.zeros_like(v) for k, v in sd.items()}}},
+        # two complete encoders under names outside the preferred list: the twin must lose
+        # whatever the set order of the prefixes (it used to depend on PYTHONHASHSEED)
+        "mocov3.pth": {"state_dict": {
+            **{f"module.momentum_encoder.{k}": torch.zeros_like(v) for k, v in sd.items()},
+            **{f"module.base_encoder.{k}": v for k, v in sd.items()}}},
+        "dino.pth": {"teacher": {f"backbone.{k}": torch.zeros_like(v) for k, v in sd.items()},
+                     "student": {f"module.backbone.{k}": v for k, v in sd.items()}},
     }
     for name, obj in styles.items():
         torch.save(obj, tmp_path / name)
