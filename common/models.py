@@ -102,6 +102,9 @@ PREFERRED_PREFIXES = ("", "module.", "_orig_mod.", "encoder_q.0.", "encoder_q.",
                       "module.encoder_q.0.", "online.0.", "online.", "backbone.", "module.backbone.",
                       "encoder.", "model.", "student.", "module.encoder.", "student.backbone.")
 STATE_NESTS = ("state_dict", "model", "model_state_dict", "network", "student", "teacher")
+# Names of the momentum / EMA twin, which loses any tie with the encoder that was trained by
+# gradient (MoCo v3 base_encoder vs momentum_encoder, DINO student vs teacher).
+TWIN_MARKERS = ("momentum", "target", "teacher", "encoder_k", "_ema", "ema_", "key_encoder")
 
 
 def _read_checkpoint(path):
@@ -144,26 +147,27 @@ def load_pretrained(net, spec):
         raise DataError(f"--pretrained {spec}: no such file (or 'random')")
     want = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
     required = [k for k in want if not k.endswith("num_batches_tracked")]  # old files lack it
-    best = None  # (matched, -preference, where, prefix, tensors)
+    best = None  # (matched, -is_twin, -preference, where, prefix, tensors, state dict)
     for where, sd in _state_dicts(_read_checkpoint(path)):
         prefixes = {k[:len(k) - len(t)] for k in sd for t in required if k.endswith("." + t) or k == t}
-        for p in prefixes:
+        for p in sorted(prefixes):  # sorted, and ties keep the first: the same on every run
             got = {t: sd[p + t] for t in want if p + t in sd and sd[p + t].shape == want[t].shape}
             pref = PREFERRED_PREFIXES.index(p) if p in PREFERRED_PREFIXES else len(PREFERRED_PREFIXES)
-            cand = (sum(t in got for t in required), -pref, where, p, got, sd)
-            if best is None or cand[:2] > best[:2]:
+            twin = any(m in (where + p).lower() for m in TWIN_MARKERS)
+            cand = (sum(t in got for t in required), -twin, -pref, where, p, got, sd)
+            if best is None or cand[:3] > best[:3]:
                 best = cand
     if best is None or best[0] < len(required):
         found = 0 if best is None else best[0]
         hint = ""
         if best is not None:
-            miss = next(t for t in required if t not in best[4])
-            have = best[5].get(best[3] + miss)
-            hint = (f"; e.g. {best[3]}{miss} " + ("is missing" if have is None else
+            miss = next(t for t in required if t not in best[5])
+            have = best[6].get(best[4] + miss)
+            hint = (f"; e.g. {best[4]}{miss} " + ("is missing" if have is None else
                     f"has shape {tuple(have.shape)}, not {tuple(want[miss].shape)}"))
         raise DataError(f"--pretrained {spec}: holds {found} of the {len(required)} tensors of a "
                         f"{type(net).__name__} body (wrong --arch, or not a ResNet checkpoint){hint}")
-    matched, _, where, prefix, got, sd = best
+    matched, _, _, where, prefix, got, sd = best
     missing = net.load_state_dict(got, strict=False).missing_keys
     assert all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in missing), missing
     ignored = {}
