@@ -49,15 +49,22 @@ def _natural(s):
 # Label maps -> instances
 
 def read_label_map(path):
-    """(H, W) integer instance map; palette images give their indices, 16-bit stays 16-bit and
-    3-channel files (some GlaS `_anno.bmp` copies) give channel 0."""
+    """(H, W) integer instance map; palette images give their indices, 16-bit stays 16-bit.
+    3-channel files (some GlaS `_anno.bmp` copies) give channel 0 when it tells every colour apart
+    (grey stored as RGB, or ids in channel 0 beside other data); a colour-coded instance map whose
+    glands share a red value gives the colour itself as the id (black = background), so two
+    glands differing only in green or blue stay two glands."""
     try:
         with Image.open(path) as im:
             a = np.array(im)  # 'P' -> indices, 'I;16' -> uint16: no convert(), it would remap
     except Exception as e:
         raise DataError(f"unreadable label map {path}: {type(e).__name__}") from None
     if a.ndim == 3:
+        a = a[..., :3].astype(np.int64)  # an alpha channel is not part of the id
+        colour = (a[..., 0] << 16) | (a[..., 1] << 8) | a[..., 2]
         a = a[..., 0]
+        if len(np.unique((a << 24) | colour)) > len(np.unique(a)):  # channel 0 merges colours
+            a = colour
     if a.dtype.kind not in "iu":  # '1' (bool) or 'F' (float) images
         a = a.astype(np.int32)
     return a

@@ -68,6 +68,21 @@ def test_read_label_map_palette_gives_indices(tmp_path):
         read_label_map(tmp_path / "bad.png")
 
 
+def test_read_label_map_colour_coded_instances(tmp_path):
+    # Two glands whose colours share the red channel must stay two instances; a grey map
+    # stored as RGB keeps its grey values as ids.
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[0, :2] = (200, 10, 10)
+    rgb[2:, 3:] = (200, 10, 90)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    masks, _, _ = instances(read_label_map(tmp_path / "colour.png"))
+    assert masks.sum((1, 2)).tolist() == [2, 4]
+    grey = np.zeros((4, 5), np.uint8)
+    grey[1, 1:3], grey[3, 0] = 7, 3
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "grey.png")
+    assert read_label_map(tmp_path / "grey.png").tolist() == grey.tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # GlaS
 
