@@ -3,10 +3,11 @@ benchmark of the ConCL paper (Yang et al., ECCV 2022, section 3.3, appendix C, T
 
 Any of our `backbone.pth` / `checkpoint.pth`, a torchvision ResNet file or a third-party
 self-supervised checkpoint initialises the ResNet body; FPN and heads start random. Recipe
-(appendix C and the official Detectron2 configs): global batch 16, SGD lr 0.02 (scaled linearly),
-momentum 0.9, wd 1e-4 (none on BN), 1000-iteration linear warm-up; GlaS 1x = 5k iterations with
-lr x0.1 at 4k, CRAG 1x = 15k with x0.1 at 10k and 13k; `--schedule 2x` doubles both. Each
-setting runs 5 times with different seeds; the paper reports the mean.
+(appendix C and the official Detectron2 configs): global batch 16, SGD lr 0.02 (RetinaNet 0.01;
+scaled linearly with the global batch), momentum 0.9, wd 1e-4 (none on BN), 1000-iteration
+linear warm-up; GlaS 1x = 5k iterations with lr x0.1 at 4k, CRAG 1x = 15k with x0.1 at 10k and
+13k; `--schedule 2x` doubles both. Each setting runs 5 times with different seeds; the paper
+reports the mean.
 
     torchrun --nproc_per_node=8 finetune_maskrcnn.py --data glas --data-root /data/GlaS \\
         --pretrained runs/concl/backbone.pth --output-dir runs/ft-glas-concl     # Table 1 row
@@ -87,8 +88,10 @@ def get_args(argv=None):
     g.add_argument("--max-iters", type=int, default=None,
                    help="override the schedule's length (steps and warm-up scale with it): smoke runs")
     g.add_argument("--batch-size", type=int, default=None, help="images per process (default 16 "
-                   "/ number of processes: the paper's global batch 16)")
-    g.add_argument("--lr", type=float, default=0.02, help="lr at global batch 16; scaled linearly")
+                   "/ number of processes: the paper's global batch 16). The lr scales with the "
+                   "global batch, the number of iterations does not")
+    g.add_argument("--lr", type=float, default=None, help="lr at global batch 16, scaled linearly "
+                   "(default 0.02 for Mask R-CNN, 0.01 for RetinaNet: the official configs)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--precise-bn", type=int, default=200,
@@ -99,7 +102,9 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default=None, help="default runs/finetune_<data>")
+    g.add_argument("--output-dir", default=None,
+                   help="default runs/finetune_<data>_<pre-training>[_retinanet], the pre-training "
+                        "named by the checkpoint's folder (runs/concl/backbone.pth -> concl)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate each run's model_final.pth again and rewrite the metrics")
     g.add_argument("--vis", type=int, default=4, help="test images drawn with predictions per run")
@@ -108,11 +113,31 @@ def get_args(argv=None):
     g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(paper_batch=16)
     args = p.parse_args(argv)
-    args.output_dir = args.output_dir or f"runs/finetune_{args.data}"
+    if args.lr is None:
+        args.lr = 0.01 if args.detector == "retinanet" else 0.02
+    if args.output_dir is None:
+        tag = pretraining_name(args.pretrained) + ("_retinanet" if args.detector == "retinanet" else "")
+        args.output_dir = f"runs/finetune_{args.data}_{tag}"
     for k in PAPER_HEADS:
         if getattr(args, k) is None:
             setattr(args, k, DATASETS[args.data][k])
     return args
+
+
+def pretraining_name(spec):
+    """runs/concl/backbone.pth -> concl; a file elsewhere -> its stem; random -> random."""
+    path = Path(spec)
+    if spec == "random" or path.parent.name in ("", "."):
+        return path.stem
+    return path.parent.name if path.stem in ("backbone", "checkpoint") else path.stem
+
+
+# Flags a run's results depend on: a checkpoint or finished run written with others is refused
+# rather than resumed or reported under this command's name.
+RUN_KEYS = ("data", "detector", "arch", "pretrained", "schedule", "max_iters", "img_size",
+            "train_sizes", "max_size", "lr", "global_batch", "momentum", "weight_decay", "seed",
+            "rois_per_image", "proposals", "detections", "precise_bn", "demo_size")
+MODEL_KEYS = ("data", "detector", "arch", "pretrained", "demo_size")  # --eval-only checks these
 
 
 def schedule(args):
@@ -143,6 +168,7 @@ def train_batches(loader, device):
 def train_one_run(args, run, r, out, train_set):
     """Fine-tune one model (seed args.seed + r) into `out`, resuming from out/checkpoint.pth."""
     seed, device = args.seed + r, run.device
+    train_set.seed = seed  # flips differ between runs, as everything else seeded by `seed`
     iters, steps, warmup = schedule(args)
     torch.manual_seed(sample_seed(seed, 2**31))  # heads and FPN: same on every rank
     model, body = build_detector(args.detector, args.arch, args.train_sizes, args.img_size,
@@ -154,9 +180,7 @@ def train_one_run(args, run, r, out, train_set):
     start, history, sums, ckpt = 0, [], {}, out / "checkpoint.pth"
     if ckpt.exists():
         ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-        ctrain.check_resume_args(ckpt, ck["args"], args, (
-            "data", "detector", "arch", "pretrained", "schedule", "max_iters", "img_size", "lr",
-            "rois_per_image", "proposals"))
+        ctrain.check_resume_args(ckpt, ck["args"], args, RUN_KEYS)
         ctrain.unwrap(model).load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         start, history, sums = ck["iter"], ck["history"], ck["sums"]
@@ -196,8 +220,10 @@ def train_one_run(args, run, r, out, train_set):
         nonfinite, stop = run.agree(loss)
         if nonfinite:
             shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+            kept = (f"{ckpt} holds the last good state" if ckpt.exists() else
+                    "no checkpoint yet (lower --lr, or check --pretrained's BN statistics)")
             raise ctrain.NonFiniteLoss(f"run {r}: non-finite loss at iteration {it} ({shown}); "
-                                       f"{ckpt} holds the last good state")
+                                       + kept)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -327,8 +353,14 @@ def main():
               f", global batch {run.global_batch} = {run.world} x {args.batch_size}, lr "
               f"{args.scaled_lr:.4g}, {iters} iterations (x0.1 at {steps}, warm-up {warmup}), "
               f"shortest edge {lo}-{hi} (test {test_size}), {args.runs} run(s) -> {run.out}")
-    if run.main:
-        ctrain.atomic_write_text(run.out / "args.json", json.dumps(vars(args), indent=2, default=str))
+    args.global_batch = run.global_batch
+    previous = run.out / "args.json"
+    if previous.exists() and any(run.out.glob("run*/*.pth")):  # results of another command?
+        ctrain.check_resume_args(previous, json.loads(previous.read_text()), args,
+                                 MODEL_KEYS if args.eval_only else RUN_KEYS)
+    cdist.barrier()
+    if run.main and not (args.eval_only and previous.exists()):  # the training command's args
+        ctrain.atomic_write_text(previous, json.dumps(vars(args), indent=2, default=str))
     all_metrics = []
     for r in range(args.runs):
         out = run.out / f"run{r}"

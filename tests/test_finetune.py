@@ -67,10 +67,14 @@ def test_runs_are_summarised_and_two_processes_train(tmp_path):
         assert abs(s["mean"][t]["AP"] - sum(ap) / 2) < 1e-3
         assert abs(s["std"][t]["AP"] - abs(ap[0] - ap[1]) / 2 ** 0.5) < 1e-3  # sample std
     assert "| random | maskrcnn resnet18 |" in (tmp_path / "results.md").read_text()
-    # a rerun finds both runs done and only re-summarises
+    # a rerun (one process, the same global batch) finds both runs done and only re-summarises
     p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
-                   "--output-dir", tmp_path)
+                   "--batch-size", "2", "--output-dir", tmp_path)
     assert p.stdout.count("done before") == 2
+    # ... but never reports them under another command's name
+    p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
+                   "--batch-size", "2", "--seed", "1", "--output-dir", tmp_path, check=False)
+    assert p.returncode == 2 and "was written with --seed 0, not 1" in p.stderr, p.stderr
 
 
 def test_bad_input_one_line(tmp_path):
