@@ -15,6 +15,12 @@ Detectron2 -> torchvision, as ConCL's `benchmarks/detection/configs/{GlaS,CRAG}/
 - 100 detections per image, score threshold 0.05, NMS 0.5 (RetinaNet too: torchvision's 300
   would change AP against the paper's numbers).
 - TEST.PRECISE_BN enabled: BN statistics recomputed over 200 training batches before testing.
+
+Kept from torchvision, unlike Detectron2 (small effects on AP, noted for anyone comparing numbers
+to the paper's): RoIAlign with aligned=False and sampling ratio 2 (Detectron2: ROIAlignV2,
+aligned=True, adaptive sampling), smooth-L1 box losses with beta 1/9 in RPN and box head
+(Detectron2: L1, beta 0), and a two-class RetinaNet head whose background class is never a
+target (Detectron2: one class); its label-0 detections are dropped before scoring.
 """
 import contextlib
 import io
