@@ -62,6 +62,8 @@ def extract_features(backbone, loader, device, progress=None):
             labels.append(torch.as_tensor(y, dtype=torch.long))
     finally:
         backbone.train(was_training)
+    if not feats:  # an empty share
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 

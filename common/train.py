@@ -8,6 +8,7 @@ Exact resume rests on three rules: augmentation is seeded per sample from (seed,
 """
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -261,7 +262,9 @@ class KNNMonitor:
     queries are fixed sets of labelled tiles, centre-cropped at --img-size: demo tiles drawn with
     other seeds than the training tiles (--data demo), or a seeded sample of the training tiles
     (their labels are never used in training) queried with --knn-data-root tiles when given,
-    else with other training tiles. Each process embeds its share; all rank identically."""
+    else with other training tiles. Each process embeds a contiguous block of each set with rank
+    0's BN statistics (the ones backbone.pth keeps: without SyncBN every process has its own), so
+    the value is the kNN accuracy of the exported backbone on any number of processes."""
 
     @staticmethod
     def build(run, base):
@@ -274,7 +277,7 @@ class KNNMonitor:
             bank = DemoTiles(180, cdata.sample_seed(args.seed, 1), args.img_size)
             queries = DemoTiles(90, cdata.sample_seed(args.seed, 2), args.img_size)
             return KNNMonitor(run, bank, queries, len(bank.classes))
-        labelled = [i for i, y in enumerate(getattr(base, "targets", [])) if y >= 0]
+        labelled = [i for i, y in enumerate(getattr(base, "targets", [])) if y >= 0]  # -1: no class
         if not labelled:
             run.print("note: no class labels in the training data: kNN monitor off")
             return None
@@ -284,11 +287,13 @@ class KNNMonitor:
         bank = torch.utils.data.Subset(base, order[:n_bank])
         if args.knn_data_root:
             other = (cdata.nct_dataset if args.data == "nct" else cdata.folder_dataset)(
-                args.knn_data_root)
+                args.knn_data_root, skip_bad=getattr(args, "skip_bad", False))
             if other.classes != base.classes:
                 raise cdata.DataError(f"--knn-data-root {args.knn_data_root}: classes "
                                       f"{other.classes} differ from the training data's {base.classes}")
-            q = torch.randperm(len(other), generator=g)[:n_query].tolist()
+            other_labelled = [i for i, y in enumerate(other.targets) if y >= 0]
+            q = [other_labelled[i] for i in
+                 torch.randperm(len(other_labelled), generator=g)[:n_query].tolist()]
             queries = torch.utils.data.Subset(other, q)
         else:
             queries = torch.utils.data.Subset(base, order[n_bank:n_bank + n_query])
@@ -302,19 +307,24 @@ class KNNMonitor:
 
     def _embed(self, backbone, dataset):
         from common.knn import extract_features, tile_loader
-        run = self.run
-        share = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
-        workers = min(run.args.workers, 4) if len(dataset) > 1000 else 0
+        run, n = self.run, len(dataset)
+        share = torch.utils.data.Subset(dataset, range(run.rank * n // run.world,
+                                                       (run.rank + 1) * n // run.world))
+        workers = min(run.args.workers, 4) if n > 1000 else 0
         f, y = extract_features(backbone, tile_loader(share, run.args.img_size, 128, workers),
                                 run.device, progress=False)
-        if run.world > 1:
+        if run.world > 1:  # rank order = dataset order; a rank with an empty share adds nothing
             parts = [None] * run.world
             torch.distributed.all_gather_object(parts, (f, y))
-            f, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            f, y = (torch.cat([p[i] for p in parts if len(p[1])]) for i in (0, 1))
         return f, y
 
     def __call__(self, backbone):
         from common.knn import accuracy, knn_predict
+        if self.run.world > 1:  # rank 0's running statistics, on a copy: training is untouched
+            backbone = copy.deepcopy(backbone)
+            for b in backbone.buffers():
+                torch.distributed.broadcast(b, 0)
         bank_f, bank_y = self._embed(backbone, self.bank)
         query_f, query_y = self._embed(backbone, self.queries)
         pred = knn_predict(bank_f.to(self.run.device), bank_y, query_f, self.num_classes)
@@ -423,8 +433,7 @@ class Trainer:
                 bar.close()
                 self.save()
                 run.leave(f"epoch {epoch} step {self.step}")
-        bar.close()
-        run.in_loop = False
+        bar.close()  # in_loop stays set: a signal from here on is honoured after _end_epoch's save
 
     def check(self, loss, parts):
         """Before backward: agree across ranks on a non-finite loss and on pre-emption."""
@@ -475,6 +484,13 @@ class Trainer:
             if rec.get("skipped"):
                 print(f"warning: {int(rec['skipped'])} unreadable images skipped this epoch",
                       flush=True)
+        # A signal that came after the epoch's last step (e.g. during the kNN monitor) stops here,
+        # with the finished epoch saved; every rank agrees, as in the step loop.
+        stop = torch.tensor([float(run.stop_signal is not None)], device=run.device)
+        cdist.all_reduce(stop, "max")
+        if stop.item():
+            run.leave(f"the end of epoch {rec['epoch']}")
+        run.in_loop = False
 
 
 def main_guard(main):
