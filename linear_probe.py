@@ -136,6 +136,18 @@ def cache_key(args, train, test):
             "train": fingerprint(train), "test": fingerprint(test) if test is not None else None}
 
 
+def stale(feats, backbone, train_set, args, device, n=8):
+    """Re-extract the first n training tiles and compare with the cache: a checkpoint rewritten
+    in place with the same size and mtime, or a changed image, must not reuse old features."""
+    first = torch.utils.data.Subset(train_set, range(min(n, len(train_set))))
+    x, y = extract_features(backbone, tile_loader(first, args.img_size, n, 0), device, False)
+    cx, cy = feats["train"][0][:len(y)], feats["train"][1][:len(y)]
+    if torch.equal(y, cy) and torch.allclose(x, cx, rtol=1e-3, atol=1e-4):
+        return False
+    print(f"note: cached features differ from a fresh extraction: recomputing")
+    return True
+
+
 # ----------------------------------------------------------------------------- main
 def get_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -196,8 +208,9 @@ def main():
         feats = torch.load(cache, weights_only=True)
     except Exception:  # noqa: BLE001 - absent or unreadable: recompute
         feats = None
-    if feats is not None and feats.get("key") == key:
-        print(f"reusing cached features from {cache}")
+    if feats is not None and feats.get("key") == key and not stale(feats, backbone, train_set,
+                                                                   args, device):
+        print(f"reusing cached features from {cache} (its first tiles re-checked)")
     else:
         feats = {"key": key}
         for name, ds in (("train", train_set), ("test", test_set)):

@@ -135,6 +135,13 @@ def test_demo_fractions_cache_and_metrics(tmp_path):
     assert "reusing cached features" in second.stdout
     assert (out / "features.pt").stat().st_mtime_ns == mtime
     assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]  # deterministic
+    # a cache whose key still matches but whose features are not this network's is caught
+    feats = torch.load(out / "features.pt", weights_only=True)
+    feats["train"] = (feats["train"][0] + 1, feats["train"][1])
+    torch.save(feats, out / "features.pt")
+    third = run_script(*argv)
+    assert "differ from a fresh extraction: recomputing" in third.stdout
+    assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]
 
 
 def test_torchvision_state_dict_loads_and_gives_its_features(tmp_path):
