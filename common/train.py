@@ -150,8 +150,10 @@ def check_resume_args(path, saved, args, keys):
     for key in keys:
         old, new = saved.get(key), getattr(args, key)
         if old != new:
-            raise cdata.DataError(f"{path} was written with --{key.replace('_', '-')} {old}, "
-                                  f"not {new}; use another --output-dir")
+            what = ("a global batch (processes x --batch-size) of" if key == "global_batch"
+                    else f"--{key.replace('_', '-')}")
+            raise cdata.DataError(f"{path} was written with {what} {old}, not {new}; use "
+                                  "another --output-dir")
 
 
 # ---------------------------------------------------------------------------------------------
