@@ -136,8 +136,11 @@ def pretraining_name(spec):
 # rather than resumed or reported under this command's name.
 RUN_KEYS = ("data", "detector", "arch", "pretrained", "schedule", "max_iters", "img_size",
             "train_sizes", "max_size", "lr", "global_batch", "momentum", "weight_decay", "seed",
-            "rois_per_image", "proposals", "detections", "precise_bn", "demo_size")
-MODEL_KEYS = ("data", "detector", "arch", "pretrained", "demo_size")  # --eval-only checks these
+            "rois_per_image", "proposals", "detections", "precise_bn", "demo_size", "amp")
+# --eval-only re-scores the same models on the same test set with the same test-time settings
+# (its metrics are later reported under the training command's args.json): all but training's.
+EVAL_KEYS = tuple(k for k in RUN_KEYS if k not in (
+    "train_sizes", "lr", "global_batch", "momentum", "weight_decay", "rois_per_image", "precise_bn"))
 
 
 def schedule(args):
@@ -286,7 +289,7 @@ def draw(model, test_set, folder, n, device, score=0.5):
         o = ctrain.unwrap(model)([image.to(device).float().div_(255)])[0]
         rgb = image.permute(1, 2, 0).numpy()
         rgb = glands.overlay(rgb, target["masks"].numpy().astype(bool), (0, 200, 0))
-        keep = o["scores"] >= score
+        keep = (o["scores"] >= score) & (o["labels"] == 1)  # RetinaNet also scores label 0
         if "masks" in o:
             pred = (o["masks"][keep, 0] > 0.5).cpu().numpy()
         else:  # RetinaNet: boxes as filled outlines
@@ -355,9 +358,10 @@ def main():
               f"shortest edge {lo}-{hi} (test {test_size}), {args.runs} run(s) -> {run.out}")
     args.global_batch = run.global_batch
     previous = run.out / "args.json"
-    if previous.exists() and any(run.out.glob("run*/*.pth")):  # results of another command?
+    if previous.exists() and (any(run.out.glob("run*/*.pth"))  # results of another command?
+                              or any(run.out.glob("run*/metrics.json"))):
         ctrain.check_resume_args(previous, json.loads(previous.read_text()), args,
-                                 MODEL_KEYS if args.eval_only else RUN_KEYS)
+                                 EVAL_KEYS if args.eval_only else RUN_KEYS)
     cdist.barrier()
     if run.main and not (args.eval_only and previous.exists()):  # the training command's args
         ctrain.atomic_write_text(previous, json.dumps(vars(args), indent=2, default=str))

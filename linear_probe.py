@@ -137,12 +137,14 @@ def cache_key(args, train, test):
 
 
 def stale(feats, backbone, train_set, args, device, n=8):
-    """Re-extract the first n training tiles and compare with the cache: a checkpoint rewritten
-    in place with the same size and mtime, or a changed image, must not reuse old features."""
+    """Re-extract the first n training tiles and compare with the cache: a spot check that
+    catches a checkpoint rewritten in place with the same size and mtime (the cache key) or a
+    changed first image. Cosine similarity, not exact values: another batch size may pick other
+    GPU kernels (TF32) and move features by 1e-3."""
     first = torch.utils.data.Subset(train_set, range(min(n, len(train_set))))
     x, y = extract_features(backbone, tile_loader(first, args.img_size, n, 0), device, False)
     cx, cy = feats["train"][0][:len(y)], feats["train"][1][:len(y)]
-    if torch.equal(y, cy) and torch.allclose(x, cx, rtol=1e-3, atol=1e-4):
+    if torch.equal(y, cy) and torch.nn.functional.cosine_similarity(x, cx).min() > 0.999:
         return False
     print(f"note: cached features differ from a fresh extraction: recomputing")
     return True

@@ -59,6 +59,8 @@ def read_label_map(path):
             a = np.array(im)  # 'P' -> indices, 'I;16' -> uint16: no convert(), it would remap
     except Exception as e:
         raise DataError(f"unreadable label map {path}: {type(e).__name__}") from None
+    if a.ndim == 3 and a.shape[2] < 3:  # grey + alpha
+        a = a[..., 0]
     if a.ndim == 3:
         a = a[..., :3].astype(np.int64)  # an alpha channel is not part of the id
         colour = (a[..., 0] << 16) | (a[..., 1] << 8) | a[..., 2]

@@ -102,9 +102,10 @@ PREFERRED_PREFIXES = ("", "module.", "_orig_mod.", "encoder_q.0.", "encoder_q.",
                       "module.encoder_q.0.", "online.0.", "online.", "backbone.", "module.backbone.",
                       "encoder.", "model.", "student.", "module.encoder.", "student.backbone.")
 STATE_NESTS = ("state_dict", "model", "model_state_dict", "network", "student", "teacher")
-# Names of the momentum / EMA twin, which loses any tie with the encoder that was trained by
-# gradient (MoCo v3 base_encoder vs momentum_encoder, DINO student vs teacher).
-TWIN_MARKERS = ("momentum", "target", "teacher", "encoder_k", "_ema", "ema_", "key_encoder")
+# Names of the momentum / EMA twin, which loses any tie with the encoder trained by gradient,
+# the one MoCo / BYOL evaluate (MoCo v3 base_encoder vs momentum_encoder). Not DINO's teacher:
+# DINO evaluates the teacher, which its unprefixed `backbone.` already prefers.
+TWIN_MARKERS = ("momentum", "target", "encoder_k", "_ema", "ema_", "key_encoder")
 
 
 def _read_checkpoint(path):

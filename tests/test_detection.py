@@ -179,15 +179,16 @@ def test_load_pretrained_prefix_styles(tmp_path):
         "mocov3.pth": {"state_dict": {
             **{f"module.momentum_encoder.{k}": torch.zeros_like(v) for k, v in sd.items()},
             **{f"module.base_encoder.{k}": v for k, v in sd.items()}}},
-        "dino.pth": {"teacher": {f"backbone.{k}": torch.zeros_like(v) for k, v in sd.items()},
-                     "student": {f"module.backbone.{k}": v for k, v in sd.items()}},
+        # DINO evaluates its teacher (eval_linear.py, eval_knn.py), not the student
+        "dino.pth": {"student": {f"module.backbone.{k}": torch.zeros_like(v) for k, v in sd.items()},
+                     "teacher": {f"backbone.{k}": v for k, v in sd.items()}},
     }
     for name, obj in styles.items():
         torch.save(obj, tmp_path / name)
         net = resnet("resnet18")
         report = load_pretrained(net, str(tmp_path / name))
         assert report.startswith("loaded 120 backbone tensors"), (name, report)
-        for k, v in sd.items():  # query / online encoder, never the zeroed momentum twin
+        for k, v in sd.items():  # the encoder each method evaluates, never the zeroed twin
             assert torch.equal(net.state_dict()[k], v), (name, k)
 
 

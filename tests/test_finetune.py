@@ -54,6 +54,11 @@ def test_resume_is_exact_and_eval_only_reproduces(tmp_path):
     run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut", "--eval-only",
                nproc=2)
     assert metrics(tmp_path / "cut" / "run0" / "metrics.json") == first
+    # other test-time settings would leave metrics that a rerun reports under the training args
+    p = run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut", "--eval-only",
+                   "--img-size", "96", check=False)
+    assert p.returncode == 2 and "was written with --img-size 64, not 96" in p.stderr, p.stderr
+    assert metrics(tmp_path / "cut" / "run0" / "metrics.json") == first
 
 
 def test_runs_are_summarised_and_two_processes_train(tmp_path):
@@ -72,6 +77,11 @@ def test_runs_are_summarised_and_two_processes_train(tmp_path):
                    "--batch-size", "2", "--output-dir", tmp_path)
     assert p.stdout.count("done before") == 2
     # ... but never reports them under another command's name
+    p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
+                   "--batch-size", "2", "--seed", "1", "--output-dir", tmp_path, check=False)
+    assert p.returncode == 2 and "was written with --seed 0, not 1" in p.stderr, p.stderr
+    for f in tmp_path.glob("run*/*.pth"):  # weights deleted to save space: metrics still guarded
+        f.unlink()
     p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
                    "--batch-size", "2", "--seed", "1", "--output-dir", tmp_path, check=False)
     assert p.returncode == 2 and "was written with --seed 0, not 1" in p.stderr, p.stderr

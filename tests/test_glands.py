@@ -81,6 +81,11 @@ def test_read_label_map_colour_coded_instances(tmp_path):
     grey[1, 1:3], grey[3, 0] = 7, 3
     Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "grey.png")
     assert read_label_map(tmp_path / "grey.png").tolist() == grey.tolist()
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), "LA").save(tmp_path / "la.png")
+    assert read_label_map(tmp_path / "la.png").tolist() == grey.tolist()  # grey + alpha
+    rgba = np.concatenate([rgb, np.full((4, 5, 1), 255, np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert instances(read_label_map(tmp_path / "rgba.png"))[0].sum((1, 2)).tolist() == [2, 4]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,9 +82,29 @@ def test_monitor_off_without_labels(tmp_path):
 
 def test_monitor_on_two_processes_scores_the_exported_backbone(tmp_path):
     # Without SyncBN every process keeps its own BN running statistics and backbone.pth holds
-    # rank 0's; the monitor must score those, over the whole bank and query set in order.
-    run_script("moco.py", *FAST, "--batch-size", "8", "--knn-every", "1",
-               "--output-dir", tmp_path, nproc=2)
+    # rank 0's; the monitor must score those, over the whole bank and query set in order. Rank
+    # 1's statistics are made grossly wrong just before each monitor (they play no part in
+    # training, which normalises with batch statistics): a monitor that used them would be far off.
+    wrapper = tmp_path / "moco_rank1_bn_off.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "import torch\n"
+        "import common.train as ct\n"
+        "import moco\n"
+        "original = ct.KNNMonitor.__call__\n"
+        "def skewed(self, backbone):\n"
+        "    if self.run.rank == 1:\n"
+        "        for m in backbone.modules():\n"
+        "            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):\n"
+        "                m.running_mean.add_(3.0)\n"
+        "                m.running_var.mul_(50.0)\n"
+        "    return original(self, backbone)\n"
+        "ct.KNNMonitor.__call__ = skewed\n"
+        "ct.main_guard(moco.main)\n")
+    run_script(wrapper, *FAST, "--batch-size", "8", "--knn-every", "1",
+               "--output-dir", tmp_path / "r", nproc=2)
+    tmp_path = tmp_path / "r"
     logged = [r["knn_accuracy"] for r in log(tmp_path)]
     assert len(logged) == 2
     assert abs(logged[-1] - knn_of_exported_backbone(tmp_path)) <= 100 / 90 + 1e-6

@@ -137,7 +137,7 @@ def test_demo_fractions_cache_and_metrics(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]  # deterministic
     # a cache whose key still matches but whose features are not this network's is caught
     feats = torch.load(out / "features.pt", weights_only=True)
-    feats["train"] = (feats["train"][0] + 1, feats["train"][1])
+    feats["train"] = (torch.randn_like(feats["train"][0]), feats["train"][1])
     torch.save(feats, out / "features.pt")
     third = run_script(*argv)
     assert "differ from a fresh extraction: recomputing" in third.stdout
