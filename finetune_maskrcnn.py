@@ -358,8 +358,7 @@ def main():
               f"shortest edge {lo}-{hi} (test {test_size}), {args.runs} run(s) -> {run.out}")
     args.global_batch = run.global_batch
     previous = run.out / "args.json"
-    if previous.exists() and (any(run.out.glob("run*/*.pth"))  # results of another command?
-                              or any(run.out.glob("run*/metrics.json"))):
+    if previous.exists() and any(run.out.glob("run*/*")):  # results of another command?
         ctrain.check_resume_args(previous, json.loads(previous.read_text()), args,
                                  EVAL_KEYS if args.eval_only else RUN_KEYS)
     cdist.barrier()

@@ -146,7 +146,7 @@ def stale(feats, backbone, train_set, args, device, n=8):
     cx, cy = feats["train"][0][:len(y)], feats["train"][1][:len(y)]
     if torch.equal(y, cy) and torch.nn.functional.cosine_similarity(x, cx).min() > 0.999:
         return False
-    print(f"note: cached features differ from a fresh extraction: recomputing")
+    print("note: cached features differ from a fresh extraction: recomputing")
     return True
 
 

@@ -149,13 +149,13 @@ def check_resume_args(path, saved, args, keys):
     """A checkpoint continues only the run that wrote it: these flags must match."""
     for key in keys:
         old, new = saved.get(key), getattr(args, key)
-        what = ("a global batch (processes x --batch-size) of" if key == "global_batch"
+        name = ("the global batch (processes x --batch-size)" if key == "global_batch"
                 else f"--{key.replace('_', '-')}")
         if key not in saved:
-            raise cdata.DataError(f"{path} predates this version (no record of {what.split(' of')[0]}"
-                                  "); use another --output-dir")
+            raise cdata.DataError(f"{path} predates this version (no record of {name}); use "
+                                  "another --output-dir")
         if old != new:
-            raise cdata.DataError(f"{path} was written with {what} {old}, not {new}; use "
+            raise cdata.DataError(f"{path} was written with {name} {old}, not {new}; use "
                                   "another --output-dir")
 
 

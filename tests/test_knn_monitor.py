@@ -80,53 +80,45 @@ def test_monitor_off_without_labels(tmp_path):
     assert all("knn_accuracy" not in r for r in log(tmp_path / "r"))
 
 
+def moco_with_monitor_hook(path, hook):
+    """A moco.py whose kNN monitor first runs `hook` (Python lines with `self`, `backbone`,
+    `os`, `signal`, `sys`, `torch` in scope): the test reaches inside the run it launches."""
+    path.write_text("import os, signal, sys\nsys.path.insert(0, os.getcwd())\nimport torch\n"
+                    "import common.train as ct\nimport moco\n"
+                    "original = ct.KNNMonitor.__call__\n"
+                    "def hooked(self, backbone):\n"
+                    + "".join(f"    {line}\n" for line in hook) +
+                    "    return original(self, backbone)\n"
+                    "ct.KNNMonitor.__call__ = hooked\nct.main_guard(moco.main)\n")
+    return path
+
+
 def test_monitor_on_two_processes_scores_the_exported_backbone(tmp_path):
     # Without SyncBN every process keeps its own BN running statistics and backbone.pth holds
     # rank 0's; the monitor must score those, over the whole bank and query set in order. Rank
     # 1's statistics are made grossly wrong just before each monitor (they play no part in
     # training, which normalises with batch statistics): a monitor that used them would be far off.
-    wrapper = tmp_path / "moco_rank1_bn_off.py"
-    wrapper.write_text(
-        "import os, sys\n"
-        "sys.path.insert(0, os.getcwd())\n"
-        "import torch\n"
-        "import common.train as ct\n"
-        "import moco\n"
-        "original = ct.KNNMonitor.__call__\n"
-        "def skewed(self, backbone):\n"
-        "    if self.run.rank == 1:\n"
-        "        for m in backbone.modules():\n"
-        "            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):\n"
-        "                m.running_mean.add_(3.0)\n"
-        "                m.running_var.mul_(50.0)\n"
-        "    return original(self, backbone)\n"
-        "ct.KNNMonitor.__call__ = skewed\n"
-        "ct.main_guard(moco.main)\n")
-    run_script(wrapper, *FAST, "--batch-size", "8", "--knn-every", "1",
-               "--output-dir", tmp_path / "r", nproc=2)
-    tmp_path = tmp_path / "r"
-    logged = [r["knn_accuracy"] for r in log(tmp_path)]
+    wrapper = moco_with_monitor_hook(tmp_path / "moco_rank1_bn_off.py", [
+        "if self.run.rank == 1:",
+        "    for m in backbone.modules():",
+        "        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):",
+        "            m.running_mean.add_(3.0)",
+        "            m.running_var.mul_(50.0)"])
+    out = tmp_path / "r"
+    run_script(wrapper, *FAST, "--batch-size", "8", "--knn-every", "1", "--output-dir", out,
+               nproc=2)
+    logged = [r["knn_accuracy"] for r in log(out)]
     assert len(logged) == 2
-    assert abs(logged[-1] - knn_of_exported_backbone(tmp_path)) <= 100 / 90 + 1e-6
+    assert abs(logged[-1] - knn_of_exported_backbone(out)) <= 100 / 90 + 1e-6
 
 
 def test_sigterm_during_the_monitor_keeps_the_finished_epoch(tmp_path):
     # The scheduler pre-empts while epoch 0's monitor runs: the epoch's steps are done, so its
     # checkpoint, log line and backbone must be written before the exit, and the rerun must
     # finish exactly as an uninterrupted run.
-    wrapper = tmp_path / "moco_sigterm_in_monitor.py"
-    wrapper.write_text(
-        "import os, signal, sys\n"
-        "sys.path.insert(0, os.getcwd())\n"
-        "import common.train as ct\n"
-        "import moco\n"
-        "original = ct.KNNMonitor.__call__\n"
-        "def preempted(self, backbone):  # the first epoch's monitor only\n"
-        "    if not os.path.exists(os.path.join(sys.argv[-1], 'checkpoint.pth')):\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return original(self, backbone)\n"
-        "ct.KNNMonitor.__call__ = preempted\n"
-        "ct.main_guard(moco.main)\n")
+    wrapper = moco_with_monitor_hook(tmp_path / "moco_sigterm_in_monitor.py", [
+        "if not os.path.exists(os.path.join(sys.argv[-1], 'checkpoint.pth')):  # epoch 0 only",
+        "    os.kill(os.getpid(), signal.SIGTERM)"])
     args = [*FAST, "--knn-every", "1", "--output-dir"]
     p = run_script(wrapper, *args, tmp_path / "cut", check=False)
     assert p.returncode == 143 and "stopped by SIGTERM at the end of epoch 0" in p.stdout, p.stdout
