@@ -13,7 +13,6 @@ predictions are orthogonal to their targets, and falls steadily; `m` climbs from
 `std` (per-dimension std over the batch of the L2-normalised online projections) stays near
 1/sqrt(256) = 0.0625. Collapse shows as `std` -> 0 while `loss` -> 0 within an epoch or two.
 """
-import argparse
 import copy
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
+from common import cli
 from common import data as cdata
 from common import train as ctrain
 from common.models import resnet
@@ -121,8 +121,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=1024, lr=0.2, epochs=200, weight_decay=1.5e-6)
     g = p.add_argument_group("byol")
     g.add_argument("--base-momentum", type=float, default=0.996,

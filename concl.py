@@ -16,7 +16,6 @@ A healthy log: during warm-up it is MoCo v2 (loss from log(K+1) = 9.70); when co
 image) stays well above 1 (about 5-8 for K = 8), and concepts_epochNNN.png shows regions that
 follow tissue structure and sharpen over training.
 """
-import argparse
 import math
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import default_collate
 
+from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
@@ -286,8 +286,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("moco v2 (the instance branch)")
     g.add_argument("--queue-size", type=int, default=16384, help="instance and concept queues")

@@ -12,13 +12,13 @@ level log(K+1) too and, like the global loss, may rise for the first epochs whil
 fill (pitfall P7) before it falls; `acc_dense` (a location's matched key ranks first) climbs
 more slowly than `acc`.
 """
-import argparse
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
@@ -132,8 +132,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("densecl")
     g.add_argument("--queue-size", type=int, default=16384, help="both queues (ImageNet: 65536)")

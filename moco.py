@@ -13,7 +13,6 @@ for the first epochs while the queue fills with real keys (pitfall P7), then fal
 positive key ranks first among K+1) climbs towards 90%+. A loss that collapses within an epoch
 while features stay poor is the BN "cheat" that shuffle-BN exists to prevent.
 """
-import argparse
 import copy
 import math
 
@@ -22,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 
+from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
@@ -141,8 +141,7 @@ def check_moco_args(args, run):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("moco")
     g.add_argument("--version", choices=["v1", "v2"], default="v2")

@@ -14,7 +14,6 @@ steadily; `acc` (the other view of the same tile is the most similar of the 2N -
 rises. Across processes, negatives are gathered with gradients, so 8 GPUs x 128 train exactly
 like one device with 1024.
 """
-import argparse
 import math
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
+from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
@@ -118,8 +118,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=1024, lr=0.6, epochs=200, weight_decay=1e-6)
     g = p.add_argument_group("simclr")
     g.add_argument("--temperature", type=float, default=0.1)

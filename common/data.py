@@ -19,6 +19,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
 from common import dist as cdist
+from common.cli import nonneg_int, positive_int
 
 # Our label order (alphabetical, as MedMNIST, eva and the Zenodo folders); ConCL's lists use
 # another order, which only matters for their *_labeled.txt files (datasets.md 1).
@@ -190,8 +191,10 @@ def add_data_args(parser):
                    "nct; ConCL pre-trained on an 80,000-tile list (data/NCT/meta/train.txt)")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images (counted in the log) instead of stopping")
-    g.add_argument("--demo-size", type=int, default=480, help="number of --data demo tiles")
-    g.add_argument("--workers", type=int, default=8, help="data loader processes per GPU")
+    g.add_argument("--demo-size", type=positive_int, default=480, help="number of --data demo tiles")
+    g.add_argument("--workers", type=nonneg_int, default=8,
+                   help="data loader processes per training process (GPU); 0 = load in the "
+                        "training process")
     return g
 
 

@@ -23,7 +23,40 @@ from tqdm import tqdm
 
 from common import data as cdata
 from common import dist as cdist
+from common.cli import (int_at_least, nonneg_float, nonneg_int, positive_float,
+                        positive_int)
 from common.models import ARCHS
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags (their types and help formatter: common.cli) and run-folder ownership
+
+def claim_output_dir(out, script):
+    """A run folder belongs to the script that made it (`script` in its args.json). Another
+    script's folder, or one from before this record existed, is refused with one clear line."""
+    f = Path(out) / "args.json"
+    if not f.exists():
+        return
+    try:
+        owner = json.loads(f.read_text()).get("script")
+    except (OSError, ValueError):
+        raise cdata.DataError(f"{f} is not a readable args.json; choose another --output-dir") from None
+    if owner is None:
+        raise cdata.DataError(f"{out} predates this version (its args.json does not say which "
+                              "script made it); choose another --output-dir")
+    if owner != script:
+        raise cdata.DataError(f"{out} holds a {owner} run; choose another --output-dir")
+
+
+def remove_if_empty(folder):
+    """A failed start leaves no empty run folder behind (empty sub-folders such as a mask cache
+    that was never filled go too)."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(p.is_file() for p in folder.rglob("*")):
+        return
+    for d in sorted((p for p in folder.rglob("*")), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    folder.rmdir()
 
 
 def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
@@ -33,23 +66,24 @@ def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
     cdata.add_data_args(parser)
     g = parser.add_argument_group("training")
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<script>)")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"images per process (default {batch_size} / number of processes, "
                         f"i.e. the paper's global batch {batch_size})")
-    g.add_argument("--lr", type=float, default=lr,
+    g.add_argument("--lr", type=positive_float, default=lr,
                    help=f"learning rate at global batch {batch_size}; scaled linearly")
-    g.add_argument("--weight-decay", type=float, default=weight_decay)
-    g.add_argument("--img-size", type=int, default=224)
-    g.add_argument("--arch", choices=ARCHS, default="resnet18")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=nonneg_float, default=weight_decay, help="weight decay")
+    g.add_argument("--img-size", type=int_at_least(32), default=224,
+                   help="view size in pixels (ResNet stride 32: at least 32)")
+    g.add_argument("--arch", choices=ARCHS, default="resnet18", help="backbone")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seeds init, augmentation, sampling")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--knn-every", type=int, default=10,
+    g.add_argument("--knn-every", type=nonneg_int, default=10,
                    help="every N epochs (and after the last) log the backbone's 20-NN accuracy "
                         "on held-out labelled tiles; 0 = off. Off by itself without labels")
     g.add_argument("--knn-data-root", help="labelled class-folder tree the monitor queries, e.g. "
                    "CRC-VAL-HE-7K (default: training tiles the model is not ranked on)")
-    g.add_argument("--knn-size", type=int, default=3000,
+    g.add_argument("--knn-size", type=positive_int, default=3000,
                    help="monitor bank size (queries: a third as many); demo: 180")
     # For tests of pre-emption: behave as if SIGTERM arrived during this run's N-th step.
     g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
@@ -78,7 +112,12 @@ class Run:
         self.amp = args.amp and self.cuda
         if self.cuda:
             torch.backends.cudnn.benchmark = True
+        args.script = script
+        claim_output_dir(self.out, script)
+        global _new_run_folder
         if self.main:
+            if not self.out.exists():
+                _new_run_folder = self.out  # removed again if the start fails (main_guard)
             self.out.mkdir(parents=True, exist_ok=True)
         self.stop_signal, self.steps_this_run, self.in_loop = None, 0, False
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -498,20 +537,32 @@ class Trainer:
         run.in_loop = False
 
 
+_new_run_folder = None  # the output folder this process created, if it did
+
+
 def main_guard(main):
-    """Run main(); bad input and non-finite losses end with one clear line, not a traceback."""
+    """Run main(); bad input and non-finite losses end with one clear line, not a traceback
+    (on a line of its own, not glued to a progress bar), and a run folder that a failed start
+    created is removed again if nothing was written into it."""
     try:
         main()
     except (cdata.DataError, NonFiniteLoss) as e:
-        print(f"error: {_last_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, cdata.DataError) else 1)
+        _fail(e, 2 if isinstance(e, cdata.DataError) else 1)
     except Exception as e:  # noqa: BLE001 - a loader worker's DataError may come back re-wrapped
         if "DataError:" not in str(e):
             raise
-        print(f"error: {_last_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(e, 2)
     finally:
         cdist.cleanup()
+
+
+def _fail(e, code):
+    sys.stdout.write("\n")  # end a progress bar's line first
+    sys.stdout.flush()
+    print(f"error: {_last_line(e)}", file=sys.stderr, flush=True)
+    if _new_run_folder is not None:
+        remove_if_empty(_new_run_folder)
+    sys.exit(code)
 
 
 def _last_line(e):
