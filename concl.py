@@ -143,7 +143,7 @@ class ConceptViews(cdata.MultiViewDataset):
         s["ref"] = cdata.pil_to_uint8(img.resize((a.img_size, a.img_size), Image.BICUBIC,
                                                  box=tuple(box.tolist())))
         if a.concept == "fh":
-            key = self.name(i) if hasattr(self.base, "paths") else f"demo-seed{self.seed}-{i:06d}"
+            key = self.fh.key(self.base, i, a.data_root, self.seed)  # relative path: unique
             full = self.fh(key, img)
         elif a.concept == "file":
             path = Path(a.concept_dir) / f"{self.name(i)}.png"

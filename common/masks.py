@@ -1,12 +1,17 @@
 """Region masks shared by the mask-based methods (ConCL, DetCon): batched cosine k-means on
 feature maps, Felzenszwalb-Huttenlocher segments with an on-disk cache, and grids."""
 import os
+import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from common.data import DataError
 
 
 @torch.no_grad()
@@ -64,25 +69,138 @@ def felzenszwalb(img, scale, min_size, sigma=0.8):
 
 class FHCache:
     """FH label maps computed once per image and kept as 16-bit PNGs (a few KB each; a 224 x 224
-    tile has fewer than 2^16 pixels, so ids fit). Safe to fill from several loader workers."""
+    tile has fewer than 2^16 pixels, so ids fit), one file per `key` (see `FHCache.key`: the
+    image's path relative to the data root, so same-named tiles in different folders stay
+    apart). Each file records the size and a CRC-32 of the image's pixels it was computed from;
+    a hit that does not match the image (a replaced or resized tile, a torn write) is recomputed.
+    Safe to fill from several loader workers and processes (atomic renames). ConCL and DetCon
+    share it; `python -m common.masks` fills it for a whole dataset beforehand."""
 
     def __init__(self, folder, scale, min_size, sigma=0.8):
-        self.folder = Path(folder) / f"fh_s{scale}_m{min_size}_g{sigma}"
+        self.root = Path(folder)
+        self.folder = self.root / f"fh_s{scale}_m{min_size}_g{sigma}"
         self.scale, self.min_size, self.sigma = scale, min_size, sigma
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise DataError(f"--mask-cache {self.root}: not a writable folder "
+                            f"({e.strerror or e})") from None
 
-    def __call__(self, key, img):
-        """key: a unique name for the image (relative path or index); img: PIL RGB."""
-        path = self.folder / (str(key).replace("/", "__") + ".png")
+    @staticmethod
+    def key(base, i, data_root=None, seed=0):
+        """The cache key of item i of an (image, label) dataset: its path relative to data_root
+        (posix, extension kept), or `demo-seed<seed>/<i>` for generated tiles without paths."""
+        paths = getattr(base, "paths", None)
+        if not paths:
+            return f"demo-seed{seed}/{i:06d}"
+        p = Path(paths[i])
+        try:
+            return p.relative_to(data_root).as_posix() if data_root else p.name
+        except ValueError:  # not under the root (should not happen): the absolute path
+            return p.resolve().as_posix().lstrip("/")
+
+    def path(self, key):
+        return self.folder / (str(key) + ".png")
+
+    @staticmethod
+    def fingerprint(img):
+        """'WxH:crc32' of an RGB image's pixels: what a cached map must have been computed from."""
+        a = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+        return f"{a.shape[1]}x{a.shape[0]}:{zlib.crc32(a.tobytes()):08x}"
+
+    def load(self, key, img):
+        """-> (int32 (H, W) label map of img, whether it had to be computed now)."""
+        path, fp = self.path(key), self.fingerprint(img)
         if path.exists():
             try:
-                return np.asarray(Image.open(path), dtype=np.int32)
-            except OSError:
-                pass  # a torn write from a killed run: recompute
+                with Image.open(path) as im:
+                    if im.text.get("source") == fp:
+                        return np.asarray(im, dtype=np.int32), False
+            except (OSError, ValueError):
+                pass  # unreadable: recompute
         seg = felzenszwalb(img, self.scale, self.min_size, self.sigma)
         if seg.max() >= 2 ** 16:
-            raise ValueError(f"{key}: {seg.max() + 1} FH segments do not fit a 16-bit PNG")
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        Image.fromarray(seg.astype(np.uint16)).save(tmp, format="PNG")
+            raise DataError(f"{key}: {seg.max() + 1} FH segments do not fit a 16-bit PNG")
+        info = PngInfo()
+        info.add_text("source", fp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        Image.fromarray(seg.astype(np.uint16)).save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
-        return seg
+        return seg, True
+
+    def __call__(self, key, img):
+        """key: a unique name for the image (`FHCache.key`); img: PIL RGB -> int32 (H, W) ids."""
+        return self.load(key, img)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Precompute: fill the cache for a whole dataset before training (a cluster job then never runs
+# FH inside the training loop).
+
+_job = None  # (dataset, cache, data_root, seed) in each worker process
+
+
+def _init_worker(job):
+    global _job
+    _job = job
+
+
+def _fill(i):
+    base, cache, root, seed = _job
+    img = base.load(i)[0] if hasattr(base, "load") else base[i][0]
+    return cache.load(FHCache.key(base, i, root, seed), img)[1]
+
+
+def precompute(argv=None):
+    import argparse
+    import multiprocessing
+    import time
+
+    from tqdm import tqdm
+
+    from common import cli
+    from common import data as cdata
+    p = cli.parser("Fill the FH mask cache that concl.py --concept fh and detcon.py --masks fh "
+                   "read, for a whole dataset, with worker processes; a rerun resumes.\n\n")
+    cdata.add_data_args(p)
+    p.add_argument("--mask-cache", required=True, help="cache folder (the training's --mask-cache)")
+    p.add_argument("--fh-scale", type=cli.positive_int, default=1000,
+                   help="Felzenszwalb scale; default 1000 as DetCon (fh-ConCL: 500)")
+    p.add_argument("--fh-min-size", type=cli.positive_int, default=1000,
+                   help="Felzenszwalb min_size; default 1000 as DetCon (fh-ConCL: = scale)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="--data demo: the tiles' seed")
+    args = p.parse_args(argv)
+    base = cdata.build_dataset(args)
+    cache = FHCache(args.mask_cache, args.fh_scale, args.fh_min_size)
+    keys = [FHCache.key(base, i, args.data_root, args.seed) for i in range(len(base))]
+    todo = [i for i, k in enumerate(keys) if not cache.path(k).exists()]
+    done = len(keys) - len(todo)
+    print(f"{len(keys)} tiles, {done} already cached in {cache.folder}; computing {len(todo)} "
+          f"with {max(args.workers, 1)} processes", flush=True)
+    job, t0, computed = (base, cache, args.data_root, args.seed), time.perf_counter(), 0
+    bar = tqdm(total=len(keys), initial=done, unit="tile", dynamic_ncols=True)
+    if args.workers > 1:
+        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with ctx.Pool(args.workers, _init_worker, (job,)) as pool:
+            for c in pool.imap_unordered(_fill, todo, chunksize=8):
+                computed += c
+                bar.update(1)
+    else:
+        _init_worker(job)
+        for i in todo:
+            computed += _fill(i)
+            bar.update(1)
+    bar.close()
+    dt = time.perf_counter() - t0
+    print(f"computed {computed}, {done} already cached; {len(todo) / max(dt, 1e-9):.1f} tiles/s "
+          f"({len(todo) / max(dt, 1e-9) / max(args.workers, 1):.1f} per process) in {dt:.1f} s",
+          flush=True)
+
+
+if __name__ == "__main__":
+    from common.train import main_guard
+    main_guard(precompute)

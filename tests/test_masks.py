@@ -1,0 +1,104 @@
+"""The shared FH mask cache (common.masks.FHCache) and its precompute command."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import data as cdata
+from common import masks
+from common.masks import FHCache
+from conftest import run_script
+
+
+def halves(size, vertical, colours=((200, 30, 30), (30, 30, 200))):
+    """A tile split into two flat colours, left/right (vertical cut) or top/bottom."""
+    a = np.empty((size, size, 3), np.uint8)
+    if vertical:
+        a[:, : size // 2], a[:, size // 2:] = colours
+    else:
+        a[: size // 2], a[size // 2:] = colours
+    return a
+
+
+@pytest.fixture
+def twins(tmp_path):
+    """Two tiles both named x.png in different sub-folders, different content."""
+    root = tmp_path / "data"
+    for sub, vertical in (("a", True), ("b", False)):
+        (root / sub).mkdir(parents=True)
+        Image.fromarray(halves(64, vertical)).save(root / sub / "x.png")
+    return root
+
+
+def test_same_named_tiles_get_their_own_maps_in_concl(twins, tmp_path):
+    """Issue 12 bug 1: ConCL's fh concepts of a/x.png and b/x.png each follow their own image
+    (keyed by the stem, b/x.png used a/x.png's map)."""
+    import concl
+    base = cdata.folder_dataset(twins)
+    args = argparse.Namespace(concept="fh", mask_cache=str(tmp_path / "cache"), output_dir=None,
+                              fh_scale=50, img_size=64, max_concepts=64, data_root=str(twins))
+    ds = concl.ConceptViews(base, [cdata.View(64, scale=(1.0, 1.0), ratio=(1, 1), flip_p=0)], 0, args)
+    for i in range(2):
+        img = base[i][0]
+        expect = concl.crop_labels(masks.felzenszwalb(img, 50, 50), torch.tensor([0, 0, 64, 64]),
+                                   4, 64)
+        assert torch.equal(ds[i]["ref_labels"], expect), base.paths[i]
+    # the two maps really differ: left/right versus top/bottom halves
+    assert not torch.equal(ds[0]["ref_labels"], ds[1]["ref_labels"])
+    files = sorted(p.relative_to(ds.fh.folder).as_posix() for p in ds.fh.folder.rglob("*.png"))
+    assert files == ["a/x.png.png", "b/x.png.png"]
+
+
+def test_stale_entry_is_recomputed(tmp_path, monkeypatch):
+    calls = []
+    real = masks.felzenszwalb
+    monkeypatch.setattr(masks, "felzenszwalb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = FHCache(tmp_path, 50, 50)
+    left = Image.fromarray(halves(64, True))
+    seg, computed = cache.load("t.png", left)
+    assert computed and len(calls) == 1 and seg.dtype == np.int32
+    assert np.array_equal(seg, real(left, 50, 50))
+    seg2, computed = cache.load("t.png", left)                 # a hit: no FH call
+    assert not computed and len(calls) == 1 and np.array_equal(seg2, seg)
+    top = Image.fromarray(halves(64, False))                   # same key and size, new pixels
+    seg3, computed = cache.load("t.png", top)
+    assert computed and np.array_equal(seg3, real(top, 50, 50))
+    small = Image.fromarray(halves(48, False))                 # same key, another size
+    seg4, computed = cache.load("t.png", small)
+    assert computed and seg4.shape == (48, 48)
+    cache.path("t.png").write_bytes(b"torn")                   # a torn file: recomputed
+    assert cache.load("t.png", small)[1]
+    assert cache.load("t.png", small)[1] is False
+
+
+def test_keys(twins):
+    base = cdata.folder_dataset(twins)
+    assert [FHCache.key(base, i, twins) for i in range(2)] == ["a/x.png", "b/x.png"]
+    assert FHCache.key(cdata.ImageList([], [], []), 3, None, seed=7) == "demo-seed7/000003"
+
+
+def test_unwritable_cache_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(cdata.DataError, match="--mask-cache .*not a writable folder"):
+        FHCache(blocker / "cache", 50, 50)
+
+
+def test_precompute_fills_resumes_and_matches(twins, tmp_path):
+    """`python -m common.masks` fills the cache with the maps training would compute, skips
+    what is there on a rerun (resume), and training then finds every map (no FH call)."""
+    cache = tmp_path / "cache"
+    cmd = ["-m", "common.masks", "--data", "folder", "--data-root", twins, "--mask-cache", cache,
+           "--fh-scale", 50, "--fh-min-size", 50, "--workers", 2]
+    out = run_script(*cmd).stdout
+    assert "computed 2" in out and "tiles/s" in out, out
+    fh = FHCache(cache, 50, 50)
+    base = cdata.folder_dataset(twins)
+    for i in range(2):
+        seg, computed = fh.load(FHCache.key(base, i, twins), base[i][0])
+        assert not computed and np.array_equal(seg, masks.felzenszwalb(base[i][0], 50, 50))
+    fh.path("b/x.png").unlink()                                # as if killed before the last
+    out = run_script(*cmd).stdout
+    assert "computed 1" in out and "1 already cached" in out, out
