@@ -24,7 +24,7 @@ from PIL import Image
 from common import cli
 from common import data as cdata
 from common import train as ctrain
-from common.models import resnet
+from common.models import convert_split_bn, resnet
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -73,11 +73,15 @@ def mlp(in_dim, hidden, out_dim, init):
 
 
 class BYOL(nn.Module):
-    def __init__(self, arch="resnet18", hidden_dim=512, dim=256):
+    def __init__(self, arch="resnet18", hidden_dim=512, dim=256, init="openselfsup",
+                 head_bn_splits=1):
         super().__init__()
-        backbone = resnet(arch)
-        self.online = nn.Sequential(backbone, mlp(backbone.feature_dim, hidden_dim, dim, "kaiming"))
-        self.predictor = mlp(dim, hidden_dim, dim, "normal")
+        backbone = resnet(arch, init)
+        # The heads' BN1d is per GPU in the recipe (128 images; only the backbone has SyncBN):
+        # on fewer processes it normalises in groups of that size (common.models split BN).
+        self.online = nn.Sequential(backbone, convert_split_bn(
+            mlp(backbone.feature_dim, hidden_dim, dim, "kaiming"), head_bn_splits))
+        self.predictor = convert_split_bn(mlp(dim, hidden_dim, dim, "normal"), head_bn_splits)
         self.target = copy.deepcopy(self.online)  # backbone + projector, no predictor
         for p in self.target.parameters():
             p.requires_grad = False
@@ -124,15 +128,19 @@ def get_args(argv=None):
     p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=1024, lr=0.2, epochs=200, weight_decay=1.5e-6)
     g = p.add_argument_group("byol")
-    g.add_argument("--base-momentum", type=float, default=0.996,
+    g.add_argument("--head-bn-group", type=cli.nonneg_int, default=128,
+                   help="images per BN group in the projector and predictor: the recipe's per-GPU "
+                        "batch (1024 / 8), whatever the number of processes; 0 = the whole "
+                        "per-process batch")
+    g.add_argument("--base-momentum", type=cli.unit_float, default=0.996,
                    help="EMA m at step 0, rising to 1 on a cosine of the global step")
-    g.add_argument("--warmup-epochs", type=int, default=2,
+    g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=2,
                    help="linear lr warm-up (per step, from 1e-4 x lr); official BYOL: 10")
-    g.add_argument("--hidden-dim", type=int, default=512,
+    g.add_argument("--hidden-dim", type=cli.positive_int, default=512,
                    help="projector and predictor hidden width (ConCL's R18 heads; official "
                         "R50: 4096)")
-    g.add_argument("--dim", type=int, default=256, help="projection and prediction width")
-    g.add_argument("--blur-kernel", type=int, default=None,
+    g.add_argument("--dim", type=cli.positive_int, default=256, help="projection and prediction width")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
                    help="default PIL GaussianBlur(radius=sigma) as the NCT (OpenSelfSup) config; "
                         "23 = torchvision's exact kernel as official BYOL (methods.md 0.4), "
                         "5x the CPU cost")
@@ -149,7 +157,12 @@ def main():
     loader, sampler = cdata.pretrain_loader(dataset, args.batch_size, args.workers, args.seed,
                                             run.device)
 
-    model = BYOL(args.arch, args.hidden_dim, args.dim)
+    group = args.head_bn_group or args.batch_size
+    if args.batch_size % group and group < args.batch_size:
+        raise cdata.DataError(f"--batch-size {args.batch_size} is not a multiple of "
+                              f"--head-bn-group {group}")
+    args.head_bn_splits = max(1, args.batch_size // group)
+    model = BYOL(args.arch, args.hidden_dim, args.dim, args.init, args.head_bn_splits)
     for net in (model.online, model.target):  # NCT recipe: SyncBN backbones, per-GPU BN1d heads
         net[0] = run.sync_bn(net[0])
     model = model.to(run.device)
@@ -159,7 +172,7 @@ def main():
                             momentum=0.9)
     trainer = ctrain.Trainer(run, model, optimizer, loader, sampler, model.online[0])
     run.print(f"BYOL {args.arch}: {len(dataset)} images, global batch {run.global_batch} = "
-              f"{run.world} x {args.batch_size}, LARS lr {args.scaled_lr:.4g} (= {args.lr} x "
+              f"{run.world} x {args.batch_size} (head BN groups of {args.batch_size // args.head_bn_splits}), LARS lr {args.scaled_lr:.4g} (= {args.lr} x "
               f"{run.global_batch}/{args.paper_batch}), wd {args.weight_decay}, warm-up "
               f"{args.warmup_epochs} epochs, EMA m {args.base_momentum} -> 1 over "
               f"{args.epochs * trainer.steps_per_epoch} steps, loss at init ~4 (cos ~0), "

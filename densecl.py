@@ -44,16 +44,14 @@ def dense_logits(q_d, k_d, idx, queue, temperature):
 
 
 class DenseHead(nn.Module):
-    """1x1-conv MLP 512-512-128 over the C5 grid (no BN), as DenseCL's neck."""
+    """1x1-conv MLP 512-512-128 over the C5 grid (no BN), as DenseCL's neck. PyTorch's default
+    conv init, as the official code: OpenSelfSup's neck init (necks._init_weights) re-initialises
+    only nn.Linear layers (the global branch, moco.head) and leaves these convolutions alone."""
 
     def __init__(self, in_dim, dim):
         super().__init__()
         self.mlp = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(inplace=True),
                                  nn.Conv2d(in_dim, dim, 1))
-        for m in self.mlp.modules():  # OpenSelfSup's kaiming neck init, as moco.head
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
 
     def forward(self, c5):
         return self.mlp(c5).flatten(2)  # (N, D, S)
@@ -62,7 +60,7 @@ class DenseHead(nn.Module):
 class DenseCL(MoCo):
     def __init__(self, args):
         super().__init__(args.arch, "v2", args.dim, args.queue_size, args.moco_m, args.temperature,
-                         args.bn_splits)
+                         args.bn_splits, args.init)
         feat = self.encoder_q[0].feature_dim
         self.dense_q = DenseHead(feat, args.dim)
         self.dense_k = DenseHead(feat, args.dim)
@@ -135,16 +133,16 @@ def get_args(argv=None):
     p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("densecl")
-    g.add_argument("--queue-size", type=int, default=16384, help="both queues (ImageNet: 65536)")
-    g.add_argument("--moco-m", type=float, default=0.999)
-    g.add_argument("--temperature", type=float, default=0.2, help="both losses")
-    g.add_argument("--dim", type=int, default=128)
-    g.add_argument("--loss-lambda", type=float, default=0.5, help="weight of the dense loss")
-    g.add_argument("--dense-warmup-iters", type=int, default=0,
+    g.add_argument("--queue-size", type=cli.positive_int, default=16384, help="both queues (ImageNet: 65536)")
+    g.add_argument("--moco-m", type=cli.unit_float, default=0.999, help="key encoder momentum")
+    g.add_argument("--temperature", type=cli.positive_float, default=0.2, help="both losses")
+    g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding width of both heads")
+    g.add_argument("--loss-lambda", type=cli.unit_float, default=0.5, help="weight of the dense loss")
+    g.add_argument("--dense-warmup-iters", type=cli.nonneg_int, default=0,
                    help="lambda = 0 for the first N iterations (the official hook; off in every "
                         "released config)")
-    g.add_argument("--blur-kernel", type=int, default=None, help="as moco.py")
-    g.add_argument("--bn-splits", type=int, default=None, help="as moco.py (methods.md D8)")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
+    g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
     p.set_defaults(resume_keys=("queue_size", "dim"))
     args = p.parse_args(argv)
     args.version, args.schedule = "v2", "cos"

@@ -71,10 +71,10 @@ def head(version, in_dim, dim):
 
 class MoCo(nn.Module):
     def __init__(self, arch="resnet18", version="v2", dim=128, K=16384, m=0.999, T=0.2,
-                 bn_splits=1):
+                 bn_splits=1, init="openselfsup"):
         super().__init__()
         self.K, self.m, self.T = K, m, T
-        backbone = convert_split_bn(resnet(arch), bn_splits)
+        backbone = convert_split_bn(resnet(arch, init), bn_splits)
         self.encoder_q = nn.Sequential(backbone, head(version, backbone.feature_dim, dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
@@ -145,19 +145,19 @@ def get_args(argv=None):
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("moco")
     g.add_argument("--version", choices=["v1", "v2"], default="v2")
-    g.add_argument("--queue-size", type=int, default=16384, help="K (ImageNet MoCo: 65536)")
-    g.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum")
-    g.add_argument("--temperature", type=float, default=None, help="default v1 0.07, v2 0.2")
-    g.add_argument("--dim", type=int, default=128)
-    g.add_argument("--blur-kernel", type=int, default=None,
+    g.add_argument("--queue-size", type=cli.positive_int, default=16384, help="K (ImageNet MoCo: 65536)")
+    g.add_argument("--moco-m", type=cli.unit_float, default=0.999, help="key encoder momentum")
+    g.add_argument("--temperature", type=cli.positive_float, default=None, help="default v1 0.07, v2 0.2")
+    g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding width (the head's output)")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
                    help="v2 blur: default PIL GaussianBlur(radius=sigma) as the official code; "
                         "23 = torchvision's exact kernel (methods.md 0.4), 5x the CPU cost")
     g.add_argument("--schedule", choices=["cos", "step"], default=None,
                    help="default v1 step, v2 per-epoch cosine")
-    g.add_argument("--lr-steps", type=int, nargs="+", default=None,
+    g.add_argument("--lr-steps", type=cli.positive_int, nargs="+", default=None,
                    help="v1 decay epochs (x0.1); default 0.6 and 0.8 of --epochs (120, 160 at "
                         "200). ConCL's 400/800-epoch v1 configs kept 120, 160: pass them to match")
-    g.add_argument("--bn-splits", type=int, default=None,
+    g.add_argument("--bn-splits", type=cli.positive_int, default=None,
                    help="BN groups per process (methods.md D8); default batch-size / 32, so "
                         "BN always sees the paper's 32 images per GPU")
     p.set_defaults(resume_keys=("version", "queue_size", "dim"))
@@ -179,7 +179,7 @@ def main():
                                             run.device)
 
     model = MoCo(args.arch, args.version, args.dim, args.queue_size, args.moco_m,
-                 args.temperature, args.bn_splits).to(run.device)
+                 args.temperature, args.bn_splits, args.init).to(run.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.scaled_lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
     trainer = ctrain.Trainer(run, model, optimizer, loader, sampler, model.encoder_q[0],

@@ -90,9 +90,9 @@ def projection_head(in_dim, hidden, dim):
 
 
 class SimCLR(nn.Module):
-    def __init__(self, arch="resnet18", hidden=512, dim=128, T=0.1):
+    def __init__(self, arch="resnet18", hidden=512, dim=128, T=0.1, init="openselfsup"):
         super().__init__()
-        self.backbone = resnet(arch)
+        self.backbone = resnet(arch, init)
         self.head = projection_head(self.backbone.feature_dim, hidden, dim)
         self.T = T
 
@@ -121,14 +121,14 @@ def get_args(argv=None):
     p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=1024, lr=0.6, epochs=200, weight_decay=1e-6)
     g = p.add_argument_group("simclr")
-    g.add_argument("--temperature", type=float, default=0.1)
-    g.add_argument("--hidden-dim", type=int, default=512)
-    g.add_argument("--dim", type=int, default=128)
-    g.add_argument("--warmup-epochs", type=int, default=10)
+    g.add_argument("--temperature", type=cli.positive_float, default=0.1, help="NT-Xent temperature T")
+    g.add_argument("--hidden-dim", type=cli.positive_int, default=512, help="projection head hidden width")
+    g.add_argument("--dim", type=cli.positive_int, default=128, help="projection width")
+    g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=10, help="linear lr warm-up epochs")
     g.add_argument("--aug", choices=["simclr", "histo"], default="simclr",
                    help="histo: Ciga et al.'s best histopathology setting (crops down to 1%%, "
                         "rotations, both flips, medium jitter)")
-    g.add_argument("--blur-kernel", type=int, default=None, help="as moco.py")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
     return p.parse_args(argv)
 
 
@@ -139,7 +139,7 @@ def main():
     dataset = cdata.MultiViewDataset(cdata.build_dataset(args), [view, view], seed=args.seed)
     loader, sampler = cdata.pretrain_loader(dataset, args.batch_size, args.workers, args.seed,
                                             run.device)
-    model = run.sync_bn(SimCLR(args.arch, args.hidden_dim, args.dim, args.temperature)).to(run.device)
+    model = run.sync_bn(SimCLR(args.arch, args.hidden_dim, args.dim, args.temperature, args.init)).to(run.device)
     optimizer = ctrain.LARS(ctrain.lars_param_groups(model, args.weight_decay), lr=args.scaled_lr)
     chance = math.log(2 * run.global_batch - 1)
     trainer = ctrain.Trainer(run, model, optimizer, loader, sampler, model.backbone,

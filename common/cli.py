@@ -54,3 +54,11 @@ def parser(doc):
     """The argparse parser every script starts from: its docstring's first paragraph as the
     description, every default shown."""
     return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+
+
+def odd_kernel(text):
+    """argparse type: a Gaussian kernel size, an odd whole number >= 3."""
+    v = int_at_least(3)(text)
+    if v % 2 == 0:
+        raise argparse.ArgumentTypeError(f"expected an odd whole number >= 3, got '{text}'")
+    return v

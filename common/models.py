@@ -12,29 +12,41 @@ from common.data import DataError
 ARCHS = ("resnet18", "resnet50")
 
 
-def resnet(arch):
+INITS = ("openselfsup", "torchvision")
+
+
+def resnet(arch, init="openselfsup"):
     """torchvision ResNet with `fc` removed, so its state_dict is exactly what `backbone.pth`
     holds and the output is the global-average-pooled feature (512-d for ResNet-18).
 
-    Random init as torchvision does it; no zero-init of residual BN gammas (none of the recipes
-    use it, methods.md 0.2).
+    init "openselfsup" (default): the ResNet of OpenSelfSup, which trained every NCT recipe of
+    the ConCL paper: convolutions Kaiming-normal with fan_in (mmcv `kaiming_init(mode='fan_in')`,
+    bias 0), BN weight 1 / bias 0. "torchvision": torchvision's own (Kaiming fan_out), which the
+    official MoCo / SimCLR-PyTorch code inherits. No zero-init of residual BN gammas in either
+    (none of the recipes use it, methods.md 0.2).
     """
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r}: choose from {', '.join(ARCHS)}")
+    if init not in INITS:
+        raise ValueError(f"--init {init!r}: choose from {', '.join(INITS)}")
     net = getattr(torchvision.models, arch)(weights=None)
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
+    if init == "openselfsup":
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
     return net
 
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
+class _SplitBN:
     """BatchNorm whose training statistics come from `num_splits` groups of the batch.
 
     One process with batch 256 and 8 splits normalises exactly like 8 GPUs with 32 images each,
     which is what MoCo's shuffle-BN assumes (methods.md D8; the official single-GPU demo,
-    facebookresearch/moco colab notebook, does the same). Running statistics are updated with the
-    mean of the chunks' statistics. Parameters and buffers are those of nn.BatchNorm2d, so
-    state_dicts stay interchangeable with torchvision's.
+    facebookresearch/moco colab notebook, does the same); BYOL's heads use it for the recipe's
+    per-GPU BN1d. Running statistics are updated with the mean of the chunks' statistics.
+    Parameters and buffers are those of nn.BatchNorm1d/2d, so state_dicts stay interchangeable.
     """
 
     def __init__(self, num_features, num_splits, **kw):
@@ -42,19 +54,19 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.num_splits = num_splits
 
     def forward(self, x):
-        n, c, h, w = x.shape
+        n, c = x.shape[:2]
         g = self.num_splits
         if not self.training or g == 1:
             return super().forward(x)
         if n % g:
-            raise ValueError(f"batch of {n} does not split into {g} BN groups (--bn-splits)")
+            raise ValueError(f"batch of {n} does not split into {g} BN groups")
         rm, rv = self.running_mean.repeat(g), self.running_var.repeat(g)
-        # (n, c) -> (n/g, g*c): image i lands in channel block i % g, so group j holds images
-        # j, j+g, j+2g, ... . Any fixed partition serves (the sampler already shuffles), and this
-        # one needs no copy.
-        y = F.batch_norm(x.reshape(n // g, c * g, h, w), rm, rv,
-                         self.weight.repeat(g), self.bias.repeat(g),
-                         True, self.momentum, self.eps).reshape(n, c, h, w)
+        w, b = (self.weight.repeat(g), self.bias.repeat(g)) if self.affine else (None, None)
+        # (n, c, ...) -> (n/g, g*c, ...): image i lands in channel block i % g, so group j holds
+        # images j, j+g, j+2g, ... . Any fixed partition serves (the sampler already shuffles),
+        # and this one needs no copy.
+        y = F.batch_norm(x.reshape(n // g, c * g, *x.shape[2:]), rm, rv, w, b,
+                         True, self.momentum, self.eps).reshape(x.shape)
         with torch.no_grad():
             self.running_mean.copy_(rm.view(g, c).mean(0))
             self.running_var.copy_(rv.view(g, c).mean(0))
@@ -62,17 +74,25 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
+class SplitBatchNorm2d(_SplitBN, nn.BatchNorm2d):
+    pass
+
+
+class SplitBatchNorm1d(_SplitBN, nn.BatchNorm1d):
+    pass
+
+
 def convert_split_bn(module, num_splits):
-    """Replace every BatchNorm2d in `module` by a SplitBatchNorm2d that keeps its state."""
+    """Replace every BatchNorm1d/2d in `module` by its split version, keeping its state."""
     if num_splits <= 1:
         return module
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
-            new = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps,
-                                   momentum=child.momentum, affine=child.affine,
-                                   track_running_stats=child.track_running_stats)
+        kind = {nn.BatchNorm2d: SplitBatchNorm2d, nn.BatchNorm1d: SplitBatchNorm1d}.get(type(child))
+        if kind is not None:
+            new = kind(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                       affine=child.affine, track_running_stats=child.track_running_stats)
             new.load_state_dict(child.state_dict())
-            new.to(child.weight.device if child.affine else child.running_mean.device)
+            new.to(child.running_mean.device)
             setattr(module, name, new)
         else:
             convert_split_bn(child, num_splits)

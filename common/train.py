@@ -25,7 +25,7 @@ from common import data as cdata
 from common import dist as cdist
 from common.cli import (int_at_least, nonneg_float, nonneg_int, positive_float,
                         positive_int)
-from common.models import ARCHS
+from common.models import ARCHS, INITS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +76,10 @@ def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
     g.add_argument("--img-size", type=int_at_least(32), default=224,
                    help="view size in pixels (ResNet stride 32: at least 32)")
     g.add_argument("--arch", choices=ARCHS, default="resnet18", help="backbone")
+    g.add_argument("--init", choices=INITS, default="openselfsup",
+                   help="backbone init: openselfsup = Kaiming fan_in convs, the code that trained "
+                        "the ConCL paper's NCT recipes; torchvision = its fan_out default "
+                        "(official MoCo / SimCLR-PyTorch code)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="seeds init, augmentation, sampling")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     g.add_argument("--knn-every", type=nonneg_int, default=10,

@@ -45,7 +45,8 @@ def test_dense_logits_against_a_loop():
 
 
 def args(**kw):
-    a = dict(arch="resnet18", dim=16, queue_size=32, moco_m=0.99, temperature=0.2, bn_splits=1)
+    a = dict(arch="resnet18", dim=16, queue_size=32, moco_m=0.99, temperature=0.2, bn_splits=1,
+             init="openselfsup")
     a.update(kw)
     return types.SimpleNamespace(**a)
 
