@@ -15,7 +15,7 @@ from common.demo import DemoTiles
 from common.knn import accuracy, extract_features, knn_predict, macro_f1, tile_loader
 from common.models import resnet
 from conftest import run_script
-from linear_probe import datasets, stratified_subset, train_linear
+from linear_probe import datasets, get_args, predict, stratified_subset, train_linear
 
 SMALL = ["--data", "demo", "--img-size", "64", "--demo-size", "60", "--demo-test-size", "30",
          "--workers", "0", "--probe-epochs", "30"]
@@ -92,10 +92,42 @@ def test_linear_probe_separates_separable_features():
         return centres[y] + 0.3 * torch.randn(n, 32, generator=g), y
 
     (x, y), (xt, yt) = sample(200), sample(100)
-    clf, loss = train_linear(x, y, 4, epochs=30, lr=1e-3, weight_decay=1e-5, batch_size=32, seed=0)
+    clf, hist = train_linear(x, y, 4, epochs=30, lr=1e-3, weight_decay=1e-5, batch_size=32, seed=0)
     with torch.no_grad():
         assert accuracy(clf(xt).argmax(1), yt) == 100.0
-    assert loss < 0.1 * math.log(4)
+    assert hist["loss"][-1] < 0.1 * math.log(4) and hist["epoch"] == 30  # no val: the last epoch
+    assert len(hist["loss"]) == 30 and hist["val_macro_f1"] == []
+
+
+@pytest.mark.parametrize("lr", [0.2, 0.05])  # best at epoch 3 of 10; ties from epoch 5 on
+def test_validation_picks_the_best_epoch_and_returns_its_classifier(lr):
+    """Ciga et al.'s protocol: the classifier of the epoch with the best validation macro F1.
+    Expected values come from classifiers trained from scratch for 1, 2, ..., E epochs without
+    a validation set (same seed: scoring must not change the training)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g)
+
+    def sample(n):  # overlapping classes and a large lr: the validation score goes up and down
+        y = torch.arange(n) % 3
+        return centres[y] + 1.5 * torch.randn(n, 16, generator=g), y
+
+    (x, y), (xv, yv), (xt, yt) = sample(48), sample(30), sample(30)
+    kw = dict(lr=lr, weight_decay=0.0, batch_size=8, seed=0)
+    E = 10
+    clf, hist = train_linear(x, y, 3, E, val=(xv, yv), **kw)
+    scores, test_preds = [], []
+    for e in range(1, E + 1):
+        c, h = train_linear(x, y, 3, e, **kw)
+        assert h["loss"] == hist["loss"][:e]  # the same training, step for step
+        scores.append(macro_f1(predict(c, xv), yv, 3))
+        test_preds.append(predict(c, xt))
+    best = max(range(E), key=lambda i: (scores[i], -i))  # the first of equal scores
+    assert hist["val_macro_f1"] == pytest.approx(scores, abs=1e-12)
+    assert hist["epoch"] == best + 1
+    assert best + 1 < E  # the last epoch would be the wrong answer
+    assert torch.equal(predict(clf, xt), test_preds[best])
+    if lr == 0.2:  # a clearly better epoch mid-way: its test predictions are not the last ones
+        assert scores[best] > scores[-1] and not torch.equal(test_preds[best], test_preds[-1])
 
 
 def test_stratified_subset_keeps_every_class():
@@ -117,18 +149,28 @@ def test_extract_features_leaves_the_backbone_alone():
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_demo_fractions_cache_and_metrics(tmp_path):
-    out = tmp_path / "probe"
+@pytest.fixture(scope="module")
+def demo_probe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lp") / "probe"
     argv = ["linear_probe.py", *SMALL, "--pretrained", "random", "--label-fraction", "10", "100",
             "--runs", "2", "--output-dir", out]
-    first = run_script(*argv)
+    return out, argv, run_script(*argv)
+
+
+def test_demo_fractions_cache_and_metrics(demo_probe):
+    out, argv, first = demo_probe
     m = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "knn_accuracy"):
         assert 0 <= m[key] <= 100
     assert set(m["by_fraction"]) == {"10", "100"} and len(m["runs"]) == 4
     assert m["accuracy"] == m["by_fraction"]["100"]["accuracy"]["mean"]
-    assert {r["num_train"] for r in m["runs"]} == {6, 60}  # 10% of 10 per class x 6 classes
-    assert m["num_test"] == 30 and m["pretrained"] == "random" and m["load_report"]
+    # 10 demo tiles per class; --val-fraction 0.25 holds out round(2.5) = 2 of each (12), the
+    # 8 left give 10%: round(0.8) -> 1 per class (6) and 100%: 48
+    assert (m["num_train"], m["num_val"], m["num_test"]) == (48, 12, 30)
+    assert {r["num_train"] for r in m["runs"]} == {6, 48}
+    assert all(1 <= r["epoch"] <= 30 and 0 <= r["val_macro_f1"] <= 100 for r in m["runs"])
+    assert m["pretrained"] == "random" and m["load_report"]
+    assert json.loads((out / "args.json").read_text())["script"] == "linear_probe"
     assert "| 10% | 2 |" in first.stdout
     mtime = (out / "features.pt").stat().st_mtime_ns
     second = run_script(*argv)
@@ -150,9 +192,12 @@ def test_torchvision_state_dict_loads_and_gives_its_features(tmp_path):
     torch.save(tv.state_dict(), tmp_path / "tv.pth")  # with fc: the probe ignores it
     out = tmp_path / "probe"
     run_script("linear_probe.py", *SMALL, "--pretrained", tmp_path / "tv.pth", "--runs", "1",
-               "--output-dir", out)
+               "--val-fraction", "0", "--output-dir", out)
     m = json.loads((out / "metrics.json").read_text())
     assert m["load_report"].startswith("loaded") and 0 <= m["accuracy"] <= 100
+    # --val-fraction 0: all 60 tiles train, the last of the 30 epochs is reported
+    assert (m["num_train"], m["num_val"]) == (60, 0)
+    assert m["runs"][0]["epoch"] == 30 and m["runs"][0]["val_macro_f1"] is None
     # the cached features are that network's pooled features of the tiles, computed here by hand
     tv.fc = torch.nn.Identity()
     tiles = DemoTiles(60, seed=0, size=64)
@@ -173,6 +218,7 @@ def test_garbage_checkpoint_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --pretrained") and "bad.pth" in lines[0]
+    assert not (tmp_path / "out").exists()  # refused before any folder was made
 
 
 def test_folder_tree_with_held_out_fraction(tmp_path):
@@ -187,7 +233,9 @@ def test_folder_tree_with_held_out_fraction(tmp_path):
                "--img-size", "32", "--workers", "0", "--runs", "1", "--probe-epochs", "20",
                "--output-dir", out)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["classes"] == ["blue", "pink"] and (m["num_train"], m["num_test"]) == (16, 4)
+    # 10 per class: 0.2 -> 2 each tested, 0.25 of the 8 left -> 2 each validate, 6 each train
+    assert m["classes"] == ["blue", "pink"]
+    assert (m["num_train"], m["num_val"], m["num_test"]) == (12, 4, 4)
     assert m["knn_accuracy"] == 100.0  # two flat colours: trivially separable
     args = argparse.Namespace(data="folder", data_root=tmp_path / "tiles", train_list=None,
                               test_root=tmp_path / "nowhere", skip_bad=False)
@@ -197,3 +245,78 @@ def test_folder_tree_with_held_out_fraction(tmp_path):
     args.test_root = None
     with pytest.raises(DataError, match="class sub-folder"):
         datasets(args)
+
+
+# ----------------------------------------------------------------------------- flags and folders
+BAD = [("--probe-epochs", "0"), ("--probe-epochs", "-3"), ("--batch-size", "0"),
+       ("--batch-size", "1"), ("--runs", "0"), ("--workers", "-1"), ("--knn-k", "0"),
+       ("--knn-t", "0"), ("--img-size", "0"), ("--img-size", "16"), ("--demo-size", "0"),
+       ("--demo-size", "5"), ("--demo-test-size", "5"), ("--label-fraction", "0"),
+       ("--label-fraction", "101"), ("--test-fraction", "0"), ("--test-fraction", "1"),
+       ("--val-fraction", "1"), ("--val-fraction", "-0.1"), ("--lr", "0"), ("--lr", "nan"),
+       ("--weight-decay", "-1"), ("--seed", "-1"), ("--runs", "two")]
+
+
+def test_every_nonsense_count_is_refused_naming_its_flag(capsys):
+    """get_args is the script's own parser: each bad value exits 2 with one error line naming the
+    flag (checked in-process for speed; the subprocess below shows the command line does too)."""
+    for flag, value in BAD:
+        with pytest.raises(SystemExit) as e:
+            get_args([flag, value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2, (flag, value)
+        assert [line for line in err if "error:" in line] == [err[-1]], (flag, value)
+        assert f"error: argument {flag}" in err[-1] and value in err[-1], (flag, value, err[-1])
+    for ok in (["--val-fraction", "0"], ["--batch-size", "2"], ["--label-fraction", "100"]):
+        get_args(ok)
+    p = run_script("linear_probe.py", "--probe-epochs", "0", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == ("linear_probe.py: error: argument "
+                                                "--probe-epochs: expected a whole number >= 1, "
+                                                "got '0'")
+
+
+def snapshot(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def test_moco_run_folder_is_refused_and_untouched(tmp_path):
+    out = tmp_path / "moco"
+    run_script("moco.py", "--data", "demo", "--img-size", "32", "--demo-size", "8",
+               "--batch-size", "8", "--queue-size", "16", "--epochs", "1", "--knn-every", "0",
+               "--workers", "0", "--output-dir", out)
+    before = snapshot(out)
+    assert {"args.json", "backbone.pth", "log.jsonl"} <= before.keys()
+    p = run_script("linear_probe.py", *SMALL, "--pretrained", out / "backbone.pth",
+                   "--output-dir", out, check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        f"error: {out} holds a moco run; choose another --output-dir"]
+    assert snapshot(out) == before
+
+
+def test_probe_folder_is_refused_by_moco_and_untouched(demo_probe):
+    out = demo_probe[0]
+    before = snapshot(out)
+    p = run_script("moco.py", "--data", "demo", "--img-size", "32", "--workers", "0",
+                   "--output-dir", out, check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (f"error: {out} holds a linear_probe run; "
+                                                 "choose another --output-dir")
+    assert snapshot(out) == before
+
+
+def test_failed_start_leaves_no_folder(tmp_path):
+    """An unreadable tile stops feature extraction (after the folder was made): the empty folder
+    goes again."""
+    for c, grey in (("a", 50), ("b", 200)):
+        (tmp_path / "tiles" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((32, 32, 3), grey, np.uint8)).save(tmp_path / "tiles" / c /
+                                                                       f"{i}.png")
+    (tmp_path / "tiles" / "b" / "3.png").write_bytes(b"not an image")
+    out = tmp_path / "probe"
+    p = run_script("linear_probe.py", "--data", "folder", "--data-root", tmp_path / "tiles",
+                   "--img-size", "32", "--workers", "0", "--output-dir", out, check=False)
+    assert p.returncode == 2 and "3.png" in p.stderr.strip().splitlines()[-1]
+    assert not out.exists()
