@@ -3,7 +3,9 @@
     python -m common.plots runs/moco/log.jsonl runs/ft/run0/log.jsonl --out curves.png
 
 One panel per log file and key (default: `loss`, and `knn_accuracy` where logged), x = `epoch`
-(pre-training) or `iter` (fine-tuning).
+(pre-training) or `iter` (fine-tuning) with whole-number ticks, y titled with its unit. Where
+the log has `chance_loss` (the InfoNCE loss of a uniform guess, log(K+1) for MoCo) it is drawn
+dashed in grey under the loss: a MoCo loss rising towards it while the queue fills is normal.
 """
 import argparse
 import json
@@ -13,28 +15,67 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+CHANCE = (110, 110, 110)              # the dashed chance-level line
+LEFT, RIGHT, TOP, BOTTOM = 72, 15, 28, 36   # plot-area margins in pixels
+DASH, GAP = 6, 4
+# y-axis titles with units; a loss is in nats where its chance level says it is a cross-entropy
+YLABELS = {"knn_accuracy": "kNN accuracy (%)", "acc": "accuracy (%)", "lr": "learning rate",
+           "time": "step time (s)", "step_time_s": "step time (s)", "data_time": "data time (s)",
+           "img_per_s": "images / s", "loss": "loss"}
 
 
-def _ticks(lo, hi, n=5):
-    """About n round tick values covering [lo, hi]."""
+def _ticks(lo, hi, n=5, integer=False):
+    """About n round tick values covering [lo, hi]; whole numbers only when integer."""
     if hi <= lo:
         hi = lo + 1.0
     step = 10 ** math.floor(math.log10((hi - lo) / n))
     step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    if integer:
+        step = max(step, 1)  # 1, 2, 5, 10, 20, ... : whole numbers
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def line_chart(series, title, xlabel="", size=(640, 300)):
-    """series: [(label, xs, ys)] -> PIL image with axes, ticks, title and legend."""
+def _dashed(d, line, fill, width=2):
+    """A polyline drawn as DASH-pixel dashes with GAP-pixel gaps, the pattern running on across
+    vertices."""
+    pos = 0.0  # distance along the pattern
+    for (xa, ya), (xb, yb) in zip(line, line[1:]):
+        length = math.hypot(xb - xa, yb - ya)
+        t = 0.0
+        while t < length:
+            in_dash = pos % (DASH + GAP) < DASH
+            run = (DASH - pos % (DASH + GAP)) if in_dash else (DASH + GAP - pos % (DASH + GAP))
+            run = min(run, length - t)
+            if in_dash:
+                a, b = t / length, (t + run) / length
+                d.line([xa + a * (xb - xa), ya + a * (yb - ya), xa + b * (xb - xa),
+                        ya + b * (yb - ya)], fill=fill, width=width)
+            t, pos = t + run, pos + run
+
+
+def _vertical_text(img, xy, text, fill="black"):
+    """Text rotated 90 degrees counter-clockwise, centred vertically on xy[1]."""
+    box = ImageDraw.Draw(img).textbbox((0, 0), text)
+    label = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+    ImageDraw.Draw(label).text((1, 0), text, fill=fill)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (xy[0], int(xy[1] - label.size[1] / 2)))
+
+
+def line_chart(series, title, xlabel="", size=(640, 300), ylabel="", reference=()):
+    """series: [(label, xs, ys)] -> PIL image with axes, ticks (whole numbers on x), the axis
+    titles, title and legend. reference: [(label, xs, ys)] drawn dashed in CHANCE grey beneath
+    the series (e.g. the chance-level loss)."""
     w, h = size
-    left, right, top, bottom = 60, 15, 28, 36
+    left, right, top, bottom = LEFT, RIGHT, TOP, BOTTOM
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None]
     if not pts:
         d.text((left, h // 2), f"{title}: nothing logged", fill="black")
         return img
+    pts += [(x, y) for _, xs, ys in reference for x, y in zip(xs, ys) if y is not None]
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     if x1 == x0:
@@ -50,13 +91,22 @@ def line_chart(series, title, xlabel="", size=(640, 300)):
     for t in _ticks(y0, y1):
         _, yy = px(x0, t)
         d.line([left - 4, yy, left, yy], fill="black")
-        d.text((4, yy - 6), f"{t:.4g}", fill="black")
-    for t in _ticks(x0, x1):
+        d.text((18, yy - 6), f"{t:.4g}", fill="black")
+    for t in _ticks(x0, x1, integer=True):
         xx, _ = px(t, y0)
         d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
         d.text((xx - 8, h - bottom + 6), f"{t:g}", fill="black")
     d.text((left, 8), title, fill="black")
     d.text((w - right - 6 * len(xlabel), h - 14), xlabel, fill="black")
+    if ylabel:
+        _vertical_text(img, (2, (top + h - bottom) / 2), ylabel)
+    legend = []  # (label, colour, dashed), right-aligned in the title row, off the curves
+    for label, xs, ys in reference:
+        line = [px(x, y) for x, y in zip(xs, ys) if y is not None]
+        if len(line) == 1:  # one epoch: a dashed level across the panel
+            line = [(left, line[0][1]), (w - right, line[0][1])]
+        _dashed(d, line, CHANCE)
+        legend.append((label, CHANCE, True))
     for j, (label, xs, ys) in enumerate(series):
         c = COLORS[j % len(COLORS)]
         line = [px(x, y) for x, y in zip(xs, ys) if y is not None]
@@ -64,7 +114,17 @@ def line_chart(series, title, xlabel="", size=(640, 300)):
             d.line(line, fill=c, width=2)
         for x, y in line:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
-        d.text((left + 8, top + 6 + 12 * j), label, fill=c)
+        legend.append((label, c, False))
+    x = w - right
+    for label, c, dashed in reversed(legend):
+        x -= d.textbbox((0, 0), label)[2]
+        d.text((x, 8), label, fill=c)
+        x -= 20
+        if dashed:
+            _dashed(d, [(x, 14), (x + 16, 14)], c)
+        else:
+            d.line([x, 14, x + 16, 14], fill=c, width=2)
+        x -= 12
     return img
 
 
@@ -84,10 +144,18 @@ def plot_logs(paths, keys=("loss", "knn_accuracy"), size=(640, 260)):
         parent = Path(path).parent  # fine-tuning logs sit in <output-dir>/run<i>/
         name = f"{parent.parent.name}/{parent.name}" if parent.name.startswith("run") else parent.name
         for key in keys:
-            if any(key in r for r in recs):
-                xs = [r[xkey] for r in recs if key in r]
-                ys = [r[key] for r in recs if key in r]
-                panels.append(line_chart([(key, xs, ys)], f"{name}: {key}", xkey, size))
+            if not any(key in r for r in recs):
+                continue
+            xs = [r[xkey] for r in recs if key in r]
+            ys = [r[key] for r in recs if key in r]
+            ylabel, reference = YLABELS.get(key, key), []
+            if key == "loss" and any("chance_loss" in r for r in recs):
+                ylabel = "loss (nats)"  # a cross-entropy: its chance level is logged
+                reference = [("chance level", [r[xkey] for r in recs if "chance_loss" in r],
+                              [r["chance_loss"] for r in recs if "chance_loss" in r])]
+            panels.append(line_chart([(key, xs, ys)], f"{name}: {key}",
+                                     "iteration" if xkey == "iter" else xkey, size, ylabel,
+                                     reference))
     if not panels:
         raise SystemExit(f"error: none of {', '.join(keys)} in {', '.join(map(str, paths))}")
     sheet = Image.new("RGB", (size[0], size[1] * len(panels)), "white")
