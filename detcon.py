@@ -1,0 +1,371 @@
+"""DetCon: contrastive detection, DetCon_S (on SimCLR) and DetCon_B (on BYOL).
+
+Hénaff et al., "Efficient Visual Pretraining with Contrastive Detection" (ICCV 2021). Each tile
+carries masks (Felzenszwalb-Huttenlocher segments of the whole tile, computed once and cached;
+or a grid, or label maps from files). Every view's mask goes through exactly the view's crop
+and flip, is area-pooled to the C5 grid (each cell to one mask), and 16 masks per view are
+drawn among those present; their mask-pooled C5 features go through the heads, and a
+contrastive loss pulls the same mask of the two views together against every other mask of
+every image of both views (methods.md section 5, D4, D5). S: SimCLR's network, augmentations
+and LARS; B: BYOL's online/target networks, predictor, EMA and asymmetric augmentations.
+Schedules are the NCT recipes of simclr.py / byol.py (200 epochs, batch 1024, per-epoch cosine).
+
+    python -m common.masks --data nct --data-root /data/NCT-CRC-HE-100K --mask-cache /data/fh \
+        --workers 16                                                        # FH once, offline
+    torchrun --nproc_per_node=8 detcon.py --data nct --data-root /data/NCT-CRC-HE-100K \
+        --mask-cache /data/fh --variant B
+    python detcon.py --data demo --epochs 2 --batch-size 16 --img-size 64 --masks grid \
+        --grid-size 2                                                       # CPU, seconds
+
+A healthy log: `loss` starts near log(2 x 16 x global batch) x `paired` (rows with a partner
+in the other view; the others weigh 0) and falls; `acc` (the partner is the most similar of
+all rows) rises; `paired` stays well above 0 (about 0.5-0.9 for FH masks, which need
+overlapping views); `masks_computed` (the share of tiles whose FH map training computed
+itself) is 1 in the first epoch without a precompute and 0 afterwards. masks.png shows tiles,
+their masks and the 16 masks each view sampled.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import default_collate
+
+import byol
+import simclr
+from common import cli
+from common import data as cdata
+from common import dist as cdist
+from common import train as ctrain
+from common.masks import FHCache
+from common.models import resnet_maps
+
+
+# ----------------------------------------------------------------------------- mask geometry
+def view_mask(full, box, flip, size):
+    """(H, W) int ids of the whole tile -> (size, size) int64 ids as the view sees them: the
+    view's crop box (x0, y0, x1, y1), nearest resize (the image's sampling grid), mirrored if
+    flipped (official `preprocess_image`)."""
+    crop = Image.fromarray(np.asarray(full, np.int32)).resize(
+        (size, size), Image.NEAREST, box=tuple(float(v) for v in box))
+    out = torch.from_numpy(np.asarray(crop).astype(np.int64))
+    return out.flip(1) if flip else out
+
+
+def cell_labels(mask, grid):
+    """(S, S) ids -> (grid * grid,) id of each C5 cell: the mask covering most of the cell's
+    S/grid x S/grid pixels (one-hot average pooling + argmax, official `create_binary_mask`;
+    ties -> lowest id), so every cell belongs to exactly one mask."""
+    S = mask.shape[0]
+    rows = torch.arange(S) // (S // grid)
+    cell = (rows[:, None] * grid + rows[None, :]).flatten()          # (S*S,) cell of each pixel
+    m = int(mask.max()) + 1
+    counts = torch.bincount(cell * m + mask.flatten(), minlength=grid * grid * m)
+    return counts.view(grid * grid, m).argmax(1)
+
+
+def sample_masks(cells, n):
+    """(S,) cell ids -> (n,) ids drawn with replacement, uniformly among the masks present
+    (owning >= 1 cell), from torch's RNG (official `sample_masks`)."""
+    present = torch.bincount(cells).gt(0).float()
+    return torch.multinomial(present, n, replacement=True)
+
+
+def mask_pool(feat, cells, ids):
+    """feat (B, C, S) C5 vectors, cells (B, S), ids (B, R) -> (B, R, C): the mean C5 vector of
+    each sampled mask's cells (mask / max(area, 1))."""
+    w = (cells[:, None, :] == ids[:, :, None]).to(feat.dtype)        # (B, R, S)
+    w = w / w.sum(2, keepdim=True).clamp_min(1)
+    return w @ feat.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- the loss
+def _direction(a, t_other, t_same, ids_a, ids_o_all, ids_a_all, temperature):
+    """One view's rows: a (N, M, D) local anchors; t_* (W N, M, D) gathered targets of the other
+    and the same view; ids_*_all (W N, M). -> (loss, correct, rows with a positive)."""
+    N, M, _ = a.shape
+    rank = cdist.get_rank()
+    a = a.flatten(0, 1)                                                       # (N M, D)
+    img_a = (torch.arange(N, device=a.device) + rank * N).repeat_interleave(M)
+    img_all = torch.arange(t_other.shape[0], device=a.device).repeat_interleave(M)
+    same_img = img_a[:, None] == img_all[None, :]                            # (N M, W N M)
+    id_a = ids_a.flatten()[:, None]
+    pos = same_img & (id_a == ids_o_all.flatten()[None, :])                  # partner rows
+    logits_x = a @ t_other.flatten(0, 1).t() / temperature
+    logits_s = (a @ t_same.flatten(0, 1).t() / temperature).masked_fill(
+        same_img & (id_a == ids_a_all.flatten()[None, :]), -1e9)             # itself, duplicates
+    logp = torch.log_softmax(torch.cat([logits_x, logits_s], 1), 1)[:, :logits_x.shape[1]]
+    n_pos = pos.sum(1)
+    ce = -(pos * logp).sum(1) / n_pos.clamp_min(1)                           # soft labels
+    dup = (ids_a[:, :, None] == ids_a[:, None, :]).sum(2).flatten()          # draws of this id
+    weight = (n_pos > 0).float() / dup
+    j = torch.cat([logits_x, logits_s], 1).argmax(1)                         # best candidate
+    hit = (j < pos.shape[1]) & pos.gather(1, j.clamp_max(pos.shape[1] - 1)[:, None]).squeeze(1)
+    return (weight * ce).mean(), (hit & (n_pos > 0)).sum(), (n_pos > 0).sum()
+
+
+def detcon_loss(a1, a2, ids1, ids2, temperature, t1=None, t2=None, return_stats=False):
+    """a1, a2 (N, M, D) anchors of the two views for M sampled masks per image (predictions for
+    B, projections for S); t1, t2 targets (default: the anchors, DetCon_S; B: the target
+    network's projections, no gradient); ids (N, M) mask ids. Positives: the same image and id
+    in the other view; negatives: every other row of both views on every process (targets
+    gathered with gradients, pitfall P3); duplicated ids share the label mass and the weight;
+    rows without a positive weigh 0 but count in the mean over N*M rows; the two directions
+    are averaged (so one global mask per image gives simclr.nt_xent). As the official
+    `byol_nce_detcon` with an explicit soft-label cross-entropy (pitfall P8)."""
+    t1 = a1 if t1 is None else t1
+    t2 = a2 if t2 is None else t2
+    a1, a2, t1, t2 = (F.normalize(x.float(), dim=-1) for x in (a1, a2, t1, t2))
+    T1, T2 = cdist.gather_with_grad(t1), cdist.gather_with_grad(t2)          # (W N, M, D)
+    I1, I2 = cdist.concat_all_gather(ids1), cdist.concat_all_gather(ids2)
+    l1, h1, n1 = _direction(a1, T2, T1, ids1, I2, I1, temperature)
+    l2, h2, n2 = _direction(a2, T1, T2, ids2, I1, I2, temperature)
+    loss = (l1 + l2) / 2
+    if not return_stats:
+        return loss
+    rows = 2 * ids1.numel()
+    return loss, {"acc": 100 * (h1 + h2).float() / (n1 + n2).clamp_min(1),
+                  "paired": (n1 + n2).float() / rows}
+
+
+# ----------------------------------------------------------------------------- data
+class MaskViews(cdata.MultiViewDataset):
+    """The method's two views plus, per view, the C5 cell ids of its masks (`cells`, (g*g,))
+    and the `num_masks` ids sampled among them (`ids`): drawn here, per sample and seeded like
+    the views, so the online and target forwards share one draw and any process layout sees
+    the same draws. `masks_computed` is 1 where the FH map was not in the cache."""
+
+    def __init__(self, base, views, seed, args):
+        super().__init__(base, views, seed)
+        self.args, self.grid = args, args.img_size // 32
+        if args.masks == "fh":
+            self.fh = FHCache(args.mask_cache or Path(args.output_dir) / "masks",
+                              args.fh_scale, args.fh_min_size)
+
+    def full_labels(self, img, i):
+        """(H, W) ids over the whole tile and whether they had to be computed."""
+        a = self.args
+        if a.masks == "fh":
+            return self.fh.load(FHCache.key(self.base, i, a.data_root, self.seed), img)
+        if a.masks == "grid":  # an n x n grid over the tile (the paper's spatial heuristic)
+            rows = np.arange(img.height) * a.grid_size // img.height
+            cols = np.arange(img.width) * a.grid_size // img.width
+            return rows[:, None] * a.grid_size + cols[None, :], False
+        rel = Path(FHCache.key(self.base, i, a.data_root, self.seed))
+        paths = [Path(a.mask_dir) / rel.with_suffix(".png"), Path(a.mask_dir) / f"{rel.stem}.png"]
+        path = next((p for p in paths if p.exists()), paths[-1])
+        try:
+            full = np.asarray(Image.open(path))
+        except OSError as e:
+            raise cdata.DataError(f"--mask-dir: cannot read {path} ({e.strerror or e})") from None
+        full = full[..., 0] if full.ndim == 3 else full
+        if full.shape != (img.height, img.width):
+            raise cdata.DataError(f"{path}: mask {full.shape[::-1]} != image {img.size}")
+        return full.astype(np.int64), False
+
+    def augment(self, img, i):
+        s = super().augment(img, i)
+        full, computed = self.full_labels(img, i)
+        s["cells"] = [cell_labels(view_mask(full, b, f, self.args.img_size), self.grid)
+                      for b, f in zip(s["boxes"], s["flips"])]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cdata.sample_seed(self.seed, self.epoch, i, 1))
+            s["ids"] = [sample_masks(c, self.args.num_masks) for c in s["cells"]]
+        s["masks_computed"] = int(computed)
+        return s
+
+
+# ----------------------------------------------------------------------------- the models
+def pooled(backbone, x, cells, ids):
+    """(B, 3, H, W) -> (B * R, C) mask-pooled C5 vectors, the rows the heads see (BN over all)."""
+    return mask_pool(resnet_maps(backbone, x)[-1].flatten(2), cells, ids).flatten(0, 1)
+
+
+class DetConS(simclr.SimCLR):
+    """SimCLR's network (backbone + projection head 512-512-128 with BN) on mask-pooled rows;
+    both views in one forward (BN over both, as simclr.py), gradients through both sides."""
+
+    def __init__(self, args):
+        super().__init__(args.arch, args.hidden_dim, args.dim, args.temperature, args.init)
+
+    def forward(self, x1, x2, cells, ids):
+        B, R = ids[0].shape
+        f = pooled(self.backbone, torch.cat([x1, x2]), torch.cat(cells), torch.cat(ids))
+        z1, z2 = self.head(f).view(2, B, R, -1).unbind(0)
+        loss, stats = detcon_loss(z1, z2, ids[0], ids[1], self.T, return_stats=True)
+        return loss, {"loss": loss.detach(), **stats}
+
+
+class DetConB(byol.BYOL):
+    """BYOL's online network + predictor and EMA target on mask-pooled rows; one forward per
+    view (BN statistics per view, over its B * 16 rows, as the official code)."""
+
+    def __init__(self, args):
+        super().__init__(args.arch, args.hidden_dim, args.dim, args.init)
+        self.T = args.temperature
+
+    def forward(self, x1, x2, cells, ids):
+        B, R = ids[0].shape
+        views = list(zip((x1, x2), cells, ids))
+        p1, p2 = (self.predictor(self.online[1](pooled(self.online[0], *v))).view(B, R, -1)
+                  for v in views)
+        with torch.no_grad():  # the same draws as the online forward of each view
+            z1, z2 = (self.target[1](pooled(self.target[0], *v)).view(B, R, -1) for v in views)
+        loss, stats = detcon_loss(p1, p2, ids[0], ids[1], self.T, z1, z2, return_stats=True)
+        return loss, {"loss": loss.detach(), **stats}
+
+
+# ----------------------------------------------------------------------------- seeing masks
+def save_masks(dataset, indices, path):
+    """PNG, one row per tile: the tile, its masks, then per view: the view with its masks and
+    the view with only its 16 sampled masks painted on the C5 grid (darker: not sampled)."""
+    from concl import overlay  # the same painter as ConCL's concept maps
+    rows = []
+    for i in indices:
+        img = dataset.base.load(i)[0] if hasattr(dataset.base, "load") else dataset.base[i][0]
+        full = torch.from_numpy(np.asarray(dataset.full_labels(img, i)[0], np.int64))
+        s = dataset[i]
+        tile = cdata.pil_to_uint8(img.resize(s["views"][0].shape[1:][::-1]))
+        row = [tile.permute(1, 2, 0).numpy(), overlay(tile, full)]
+        size, g = dataset.args.img_size, dataset.grid
+        for v in range(2):
+            view, cells = s["views"][v], s["cells"][v].view(g, g)
+            mask = view_mask(full.numpy(), s["boxes"][v], s["flips"][v], size)
+            sampled = torch.where(torch.isin(cells, s["ids"][v]), cells, -1)
+            keep = sampled.ge(0).repeat_interleave(size // g, 0).repeat_interleave(size // g, 1)
+            row += [overlay(view, mask), overlay(torch.where(keep, view, view // 2), sampled)]
+        rows.append(np.concatenate(row, 1))
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- training
+def train_one_epoch(model, optimizer, trainer, run, args):
+    total_steps = args.epochs * trainer.steps_per_epoch
+    computed = torch.zeros((), dtype=torch.float64, device=run.device)
+    for step, batch in trainer.steps(trainer.epoch):
+        it = trainer.global_step()
+        lr = ctrain.set_lr(optimizer, ctrain.cosine_lr(args.scaled_lr, it, trainer.steps_per_epoch,
+                                                       args.epochs, args.warmup_epochs))
+        x1, x2 = (run.images(v) for v in batch["views"])
+        cells = [c.to(run.device) for c in batch["cells"]]
+        ids = [i.to(run.device) for i in batch["ids"]]
+        with run.autocast():
+            loss, parts = model(x1, x2, cells, ids)
+        trainer.backward_step(optimizer, loss, parts)
+        parts["masks_computed"] = batch["masks_computed"].float().mean()
+        computed += batch["masks_computed"].sum()
+        if args.variant == "B":  # EMA after the optimiser step, as byol.py
+            m = ctrain.cosine_momentum(args.base_momentum, it, total_steps)
+            ctrain.unwrap(model).momentum_update(m)
+            parts["m"] = m
+        trainer.update(parts, lr)
+    cdist.all_reduce(computed)
+    if args.masks == "fh":
+        run.print(f"FH masks computed by training this epoch: {int(computed)} (0 once cached)")
+
+
+VARIANT_DEFAULTS = {  # lr at global batch 1024, wd, warm-up epochs, projection width
+    "S": dict(lr=0.3 * 1024 / 256, weight_decay=1e-6, warmup_epochs=10, dim=128),
+    "B": dict(lr=0.2 * 1024 / 256, weight_decay=1.5e-6, warmup_epochs=2, dim=256)}
+
+
+def get_args(argv=None):
+    p = cli.parser(__doc__)
+    ctrain.add_common_args(p, batch_size=1024, lr=0.8, epochs=200, weight_decay=1.5e-6)
+    derived = {"lr": "lr at global batch 1024; default S: 0.3 x 1024/256 = 1.2, B: 0.2 x "
+                     "1024/256 = 0.8 (LARS, official scaling); scaled linearly",
+               "weight_decay": "default S: 1e-6 (SimCLR), B: 1.5e-6 (BYOL)"}
+    for action in p._actions:
+        if action.dest in derived:
+            action.default, action.help = None, derived[action.dest]
+    g = p.add_argument_group("detcon")
+    g.add_argument("--variant", choices=["S", "B"], default="B",
+                   help="S: on SimCLR (one network, negatives with gradients); B: on BYOL "
+                        "(EMA target, predictor; the released code)")
+    g.add_argument("--masks", choices=["fh", "grid", "file"], default="fh",
+                   help="fh: Felzenszwalb segments of the whole tile, cached; grid: n x n grid; "
+                        "file: label maps from --mask-dir")
+    g.add_argument("--fh-scale", type=cli.positive_int, default=1000, help="FH scale (D4)")
+    g.add_argument("--fh-min-size", type=cli.positive_int, default=1000, help="FH min_size (D4)")
+    g.add_argument("--mask-cache", default=None,
+                   help="FH cache folder shared with concl.py, filled beforehand by "
+                        "`python -m common.masks` (default OUTPUT/masks)")
+    g.add_argument("--grid-size", type=cli.positive_int, default=5,
+                   help="--masks grid: n (5 x 5 best in the paper's Fig. 7)")
+    g.add_argument("--mask-dir", default=None,
+                   help="--masks file: PNG label maps named <relative path>.png or <stem>.png")
+    g.add_argument("--num-masks", type=cli.positive_int, default=16, help="masks sampled per view")
+    g.add_argument("--temperature", type=cli.positive_float, default=0.1, help="T")
+    g.add_argument("--hidden-dim", type=cli.positive_int, default=512,
+                   help="head hidden width (D5: 512 for ResNet-18; official R50: 2048 S, 4096 B)")
+    g.add_argument("--dim", type=cli.positive_int, default=None,
+                   help="projection width; default S: 128 (SimCLR), B: 256 (BYOL)")
+    g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=None,
+                   help="linear lr warm-up; default S: 10 (simclr.py), B: 2 (byol.py's NCT recipe)")
+    g.add_argument("--base-momentum", type=cli.unit_float, default=0.996,
+                   help="B: EMA m at step 0, rising to 1 on a cosine of the global step")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as simclr.py / byol.py")
+    g.add_argument("--vis-tiles", type=cli.nonneg_int, default=8,
+                   help="masks.png with this many tiles at the start (0: off)")
+    p.set_defaults(resume_keys=("variant", "masks", "num_masks", "dim", "hidden_dim",
+                                "fh_scale", "fh_min_size", "grid_size"))
+    args = p.parse_args(argv)
+    for k, v in VARIANT_DEFAULTS[args.variant].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.masks == "file" and not args.mask_dir:
+        p.error("--masks file needs --mask-dir")
+    return args
+
+
+def main():
+    args = get_args()
+    run = ctrain.Run(args, "detcon")
+    if args.img_size % 32:
+        raise cdata.DataError(f"--img-size {args.img_size}: use a multiple of 32 (C5 grid)")
+    g = args.img_size // 32
+    if args.masks == "grid" and args.grid_size > g:
+        raise cdata.DataError(f"--grid-size {args.grid_size}: {args.grid_size ** 2} masks do not "
+                              f"fit the {g} x {g} C5 grid of --img-size {args.img_size}; at most {g}")
+    if args.variant == "S":
+        views = [simclr.augmentation("simclr", args.img_size, args.blur_kernel)] * 2
+    else:
+        views = byol.augmentations(args.img_size, args.blur_kernel)
+    dataset = MaskViews(cdata.build_dataset(args), views, args.seed, args)
+    loader, sampler = cdata.pretrain_loader(dataset, args.batch_size, args.workers, args.seed,
+                                            run.device)
+    # cross-replica BN in backbone and heads, as the official code (identity on CPU / 1 process)
+    model = run.sync_bn(DetConS(args) if args.variant == "S" else DetConB(args)).to(run.device)
+    optimizer = ctrain.LARS(ctrain.lars_param_groups(model, args.weight_decay), lr=args.scaled_lr,
+                            momentum=0.9)
+    rows = 2 * run.global_batch * args.num_masks
+    trainer = ctrain.Trainer(run, model, optimizer, loader, sampler,
+                             model.backbone if args.variant == "S" else model.online[0],
+                             extra_log={"chance_loss": math.log(rows - 1)})
+    masks = {"fh": f"FH scale {args.fh_scale} min_size {args.fh_min_size}",
+             "grid": f"{args.grid_size} x {args.grid_size} grid", "file": f"files in {args.mask_dir}"}
+    run.print(f"DetCon_{args.variant} {args.arch}: {len(dataset)} images, global batch "
+              f"{run.global_batch} = {run.world} x {args.batch_size}, {args.num_masks} masks per "
+              f"view ({masks[args.masks]}) on the {g} x {g} C5 grid, LARS lr {args.scaled_lr:.4g} "
+              f"(= {args.lr} x {run.global_batch}/1024), wd {args.weight_decay}, warm-up "
+              f"{args.warmup_epochs} epochs, T {args.temperature}, heads {args.hidden_dim} -> "
+              f"{args.dim}, chance loss log({rows} - 1) = {math.log(rows - 1):.2f} per paired row, "
+              f"{trainer.steps_per_epoch} steps/epoch, output {run.out}")
+    if args.masks == "fh" and run.main:
+        keys = [FHCache.key(dataset.base, i, args.data_root, args.seed) for i in range(len(dataset))]
+        cached = sum(dataset.fh.path(k).exists() for k in keys)
+        run.print(f"FH cache {dataset.fh.folder}: {cached} of {len(keys)} tiles cached"
+                  + ("" if cached == len(keys) else "; the rest are computed in the loader "
+                     "(precompute: python -m common.masks ... --mask-cache DIR)"))
+    if run.main and args.vis_tiles and trainer.epoch == 0 and trainer.step == 0:
+        print(save_masks(dataset, range(min(args.vis_tiles, len(dataset))), run.out / "masks.png"))
+    ddp_model = run.wrap(model)
+    for _ in trainer.epochs():
+        train_one_epoch(ddp_model, optimizer, trainer, run, args)
+
+
+if __name__ == "__main__":
+    ctrain.main_guard(main)
