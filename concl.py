@@ -29,7 +29,7 @@ from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
-from common.masks import FHCache, grid_labels, kmeans
+from common.masks import FHCache, felzenszwalb, grid_labels, kmeans
 from common.models import resnet_maps
 from moco import MoCo, augmentation, check_moco_args, info_nce, lr_at, moco_logits
 
@@ -106,6 +106,14 @@ def fixed_count(keys, n):
     return torch.cat([keys, keys[extra]])
 
 
+def stage_map(net, x, stage):
+    """Feature map f_stage of a `resnet()` network: f1 = the stem's conv-BN-ReLU (stride 2,
+    before max-pool: OpenSelfSup's out_indices 0, ConCL's cluster_indice 0), f2..f5 = layer1..4."""
+    if stage == 1:
+        return net.relu(net.bn1(net.conv1(x)))
+    return resnet_maps(net, x, upto=stage)[-1]
+
+
 # ----------------------------------------------------------------------------- data
 def crop_labels(full, box, res, max_concepts):
     """(H, W) int label map of the whole tile -> (res, res) over the reference box (nearest),
@@ -127,7 +135,7 @@ class ConceptViews(cdata.MultiViewDataset):
     def __init__(self, base, views, seed, args):
         super().__init__(base, views, seed)
         self.args = args
-        if args.concept == "fh":
+        if args.concept == "fh" and args.fh_input == "tile":
             self.fh = FHCache(args.mask_cache or Path(args.output_dir) / "masks",
                               args.fh_scale, args.fh_scale)
 
@@ -142,7 +150,12 @@ class ConceptViews(cdata.MultiViewDataset):
         s["ref_box"] = box = union_box(s["boxes"])
         s["ref"] = cdata.pil_to_uint8(img.resize((a.img_size, a.img_size), Image.BICUBIC,
                                                  box=tuple(box.tolist())))
-        if a.concept == "fh":
+        if a.concept == "fh" and a.fh_input == "reference":
+            # The paper (sections 3.2, 4.3): FH segments x_r itself, as the network sees it.
+            # A fresh x_r every step, so no cache: ~30 ms per 224 px tile in the loader workers.
+            full = felzenszwalb(s["ref"].permute(1, 2, 0).numpy(), a.fh_scale, a.fh_scale)
+            box = torch.tensor([0, 0, a.img_size, a.img_size])
+        elif a.concept == "fh":
             key = self.fh.key(self.base, i, a.data_root, self.seed)  # relative path: unique
             full = self.fh(key, img)
         elif a.concept == "file":
@@ -154,6 +167,8 @@ class ConceptViews(cdata.MultiViewDataset):
             full = full[..., 0] if full.ndim == 3 else full
             if full.shape != (img.height, img.width):
                 raise cdata.DataError(f"{path}: mask {full.shape[::-1]} != image {img.size}")
+            if a.concept_threshold is not None:  # grey saliency -> binary: 1 salient, 0 not
+                full = (full >= a.concept_threshold).astype(np.int32)
         else:
             return s
         s["ref_labels"] = crop_labels(full, box, a.img_size // 16, a.max_concepts)
@@ -164,7 +179,7 @@ class ConceptViews(cdata.MultiViewDataset):
 class ConCL(MoCo):
     def __init__(self, args):
         super().__init__(args.arch, "v2", args.dim, args.queue_size, args.moco_m, args.temperature,
-                         args.bn_splits)
+                         args.bn_splits, args.init)
         self.args = args
         self.register_buffer("concept_queue", F.normalize(torch.randn(args.queue_size, args.dim), dim=1))
         self.register_buffer("concept_ptr", torch.zeros((), dtype=torch.long))
@@ -179,14 +194,14 @@ class ConCL(MoCo):
     def reference_labels(self, batch, ref, device):
         """(B, R, R) concept ids over the reference view for the chosen concept source."""
         a = self.args
-        if a.concept == "grid":
-            R = a.img_size // 16
-            return grid_labels(R, a.grid_size).to(device).expand(len(batch["ref_box"]), R, R)
+        if a.concept == "grid":  # one map cell per grid cell: each covers exactly 1/s^2 of x_r
+            g = a.grid_size
+            return grid_labels(g, g).to(device).expand(len(batch["ref_box"]), g, g)
         if a.concept in ("fh", "file"):
             return batch["ref_labels"].to(device)
-        # b-ConCL: cluster the momentum encoder's stage-4 (or 5) features of x_r (BN in train
-        # mode on the reference batch, as the official code)
-        f = resnet_maps(self.encoder_k[0], ref, upto=a.cluster_stage)[-1]  # (B, C, R, R)
+        # b-ConCL: cluster the momentum encoder's stage-f features of x_r (BN in train mode on
+        # the reference batch, as the official code)
+        f = stage_map(self.encoder_k[0], ref, a.cluster_stage)  # (B, C, R, R)
         B, _, h, w = f.shape
         return kmeans(f.flatten(2).transpose(1, 2), a.num_concepts).view(B, h, w)
 
@@ -239,35 +254,53 @@ class ConCL(MoCo):
 
 
 # ----------------------------------------------------------------------------- seeing concepts
-def overlay(img, labels, alpha=0.45):
-    """uint8 (3, H, W) image + (h, w) ids -> (H, W, 3) uint8 with ids painted (-1 unpainted)."""
-    img = img.permute(1, 2, 0).numpy()
+def overlay(img, labels, alpha=0.45, cell=None):
+    """uint8 (3, H, W) image + (h, w) ids -> (cell, cell, 3) uint8 (default H x W) with ids
+    painted (-1 unpainted); the image is enlarged bicubically, the ids by nearest."""
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    cell = cell or pil.width
+    base = np.asarray(pil.resize((cell, cell), Image.BICUBIC)).astype(np.float32)
+    if labels is None:
+        return base.astype(np.uint8)
     lab = np.asarray(Image.fromarray(labels.cpu().numpy().astype(np.int32)).resize(
-        img.shape[1::-1], Image.NEAREST))
+        (cell, cell), Image.NEAREST))
     colour = PALETTE[lab % len(PALETTE)]
-    out = np.where((lab >= 0)[..., None], (1 - alpha) * img + alpha * colour, img)
+    out = np.where((lab >= 0)[..., None], (1 - alpha) * base + alpha * colour, base)
     return out.astype(np.uint8)
 
 
+def sheet(rows, headers, cell):
+    """Rows of equal (cell, cell, 3) pictures under a header line naming each column."""
+    from PIL import ImageDraw
+    grid = np.concatenate([np.concatenate(r, 1) for r in rows], 0)
+    top = Image.new("RGB", (grid.shape[1], 18), "white")
+    draw = ImageDraw.Draw(top)
+    for c, h in enumerate(headers):
+        draw.text((c * cell + 4, 3), h, fill="black")
+    return Image.fromarray(np.concatenate([np.asarray(top), grid], 0))
+
+
 @torch.no_grad()
-def save_concepts(model, batch, args, path):
+def save_concepts(model, batch, args, path, cell=None):
     """PNG, one row per tile: x_r, x_r with concepts, query view and key view with the concepts
-    mapped into them (the paper's Fig. 3 / A.1)."""
+    mapped into them (the paper's Fig. 3 / A.1); columns at least 112 px wide."""
     was_training = model.training
     model.eval()  # running BN statistics: a few tiles need no BN groups
     dev = next(model.parameters()).device
+    cell = cell or max(112, args.img_size)
     ref = batch["ref"]
     labels = model.reference_labels(batch, cdata.to_device(ref, dev), dev).cpu()
     size = args.img_size // 32
     rows = []
     for b in range(ref.shape[0]):
-        row = [ref[b].permute(1, 2, 0).numpy(), overlay(ref[b], labels[b])]
+        row = [overlay(ref[b], None, cell=cell), overlay(ref[b], labels[b], cell=cell)]
         for v in range(2):
             lab = view_masks(labels[b:b + 1], batch["ref_box"][b:b + 1], batch["boxes"][v][b:b + 1],
                              batch["flips"][v][b:b + 1], size)[0]
-            row.append(overlay(batch["views"][v][b], lab))
-        rows.append(np.concatenate(row, 1))
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+            row.append(overlay(batch["views"][v][b], lab, cell=cell))
+        rows.append(row)
+    sheet(rows, ["reference x_r", f"concepts ({args.concept})", "query view", "key view"],
+          cell).save(path)
     model.train(was_training)
     return path
 
@@ -289,38 +322,49 @@ def get_args(argv=None):
     p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("moco v2 (the instance branch)")
-    g.add_argument("--queue-size", type=int, default=16384, help="instance and concept queues")
-    g.add_argument("--moco-m", type=float, default=0.999)
-    g.add_argument("--temperature", type=float, default=0.2, help="both losses")
-    g.add_argument("--dim", type=int, default=128)
-    g.add_argument("--blur-kernel", type=int, default=None, help="as moco.py")
-    g.add_argument("--bn-splits", type=int, default=None, help="as moco.py (methods.md D8)")
+    g.add_argument("--queue-size", type=cli.positive_int, default=16384, help="instance and concept queues")
+    g.add_argument("--moco-m", type=cli.unit_float, default=0.999, help="key encoder momentum")
+    g.add_argument("--temperature", type=cli.positive_float, default=0.2, help="both losses")
+    g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding width (instance and concept)")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
+    g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
     g = p.add_argument_group("concl")
     g.add_argument("--concept", choices=["grid", "fh", "kmeans", "file"], default="kmeans",
                    help="g-ConCL, fh-ConCL, b-ConCL, or masks from --concept-dir (bas-ConCL)")
-    g.add_argument("--grid-size", type=int, default=5, help="g-ConCL s (best in Table 1)")
-    g.add_argument("--fh-scale", type=int, default=500, help="fh-ConCL: scale = min_size = s")
+    g.add_argument("--grid-size", type=cli.positive_int, default=5, help="g-ConCL s (best in Table 1)")
+    g.add_argument("--fh-scale", type=cli.positive_int, default=500, help="fh-ConCL: scale = min_size = s")
     g.add_argument("--mask-cache", default=None, help="FH cache folder (default OUTPUT/masks)")
+    g.add_argument("--fh-input", choices=["reference", "tile"], default="reference",
+                   help="fh-ConCL segments the reference view x_r each step, as the paper "
+                        "(the released code has no fh-ConCL); tile: FH once per original tile, "
+                        "cached in --mask-cache and cropped to x_r (methods.md D3; segments "
+                        "1.3-1.9x coarser for the same s, no FH cost per step)")
     g.add_argument("--concept-dir", default=None, help="PNG label maps named <tile stem>.png")
-    g.add_argument("--max-concepts", type=int, default=64,
+    g.add_argument("--concept-threshold", type=cli.nonneg_int, default=None,
+                   help="file: binarise grey maps, value >= T is concept 1, else 0 (bas-ConCL's "
+                        "binary saliency; BASNet outputs are grey). Default: each value an id")
+    g.add_argument("--max-concepts", type=cli.positive_int, default=64,
                    help="fh/file: keep the largest N segments of the reference view")
-    g.add_argument("--num-concepts", type=int, default=8, help="b-ConCL K")
-    g.add_argument("--cluster-stage", type=int, choices=[4, 5], default=4,
-                   help="b-ConCL clusters f4 (layer3) or f5 (layer4) of x_r")
-    g.add_argument("--concept-weight", type=float, default=1.0,
+    g.add_argument("--num-concepts", type=cli.positive_int, default=8, help="b-ConCL K")
+    g.add_argument("--cluster-stage", type=int, choices=[1, 2, 3, 4, 5], default=4,
+                   help="b-ConCL clusters f_i of x_r (Table 4c): f1 the stem (stride 2, before "
+                        "max-pool, OpenSelfSup's out_indices 0), f2-f5 layer1-layer4")
+    g.add_argument("--concept-weight", type=cli.unit_float, default=1.0,
                    help="lambda in L = (1 - lambda) L_instance + lambda L_concept (Table 4a)")
-    g.add_argument("--warmup-epochs", type=int, default=20, help="instance loss only")
+    g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=20, help="instance loss only")
     g.add_argument("--official-key-order", action="store_true",
                    help="reproduce the released code, which pools key concepts from the "
                         "shuffle-BN-permuted (wrong) image (methods.md 6.7); default pairs the same image")
-    g.add_argument("--vis-every", type=int, default=10, help="concept PNG every N epochs (0: off)")
-    g.add_argument("--show-concepts", type=int, default=0, metavar="N",
+    g.add_argument("--vis-every", type=cli.nonneg_int, default=10, help="concept PNG every N epochs (0: off)")
+    g.add_argument("--show-concepts", type=cli.nonneg_int, default=0, metavar="N",
                    help="write concepts.png for N tiles with the run's checkpoint, then exit")
     p.set_defaults(resume_keys=("concept", "queue_size", "dim"))
     args = p.parse_args(argv)
     args.version, args.schedule = "v2", "cos"
     if args.concept == "file" and not args.concept_dir:
         p.error("--concept file needs --concept-dir")
+    if args.concept_threshold is not None and args.concept != "file":
+        p.error("--concept-threshold applies to --concept file only")
     args.concept_ids = {"grid": args.grid_size ** 2, "kmeans": args.num_concepts}.get(
         args.concept, args.max_concepts)
     return args

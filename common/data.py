@@ -79,6 +79,49 @@ def read_rgb(path):
             raise DataError(f"unreadable image {path}: {reason}") from None
 
 
+def _header_error(path):
+    """None if the file's header reads as an image, else the reason. Only the header: PIL opens
+    lazily. Files PIL cannot identify get the full read_rgb fallback (16-bit RGB TIFF, ...)."""
+    try:
+        with Image.open(path) as im:
+            if im.width > 0 and im.height > 0:
+                return None
+    except Exception:  # noqa: BLE001 - any failure sends it to the fallback reader
+        pass
+    try:
+        read_rgb(path)
+        return None
+    except DataError as e:
+        return str(e)
+
+
+def check_headers(paths, skip_bad=False, root=None):
+    """Open every file's header (threads; a progress bar past a few thousand files) before any
+    training, so that a bad file is named now and not at whatever hour the sampler draws it.
+    -> (readable paths, names of the unreadable ones). Unreadable files: one DataError naming
+    them all, or with skip_bad a note naming the first ten, and they are left out."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    with ThreadPoolExecutor(16) as pool:
+        errors = list(tqdm(pool.map(_header_error, paths, chunksize=64), total=len(paths),
+                           desc="checking image headers", disable=len(paths) < 5000,
+                           leave=False, file=sys.stdout))
+    bad = [str(Path(p).relative_to(root)) if root else str(p)
+           for p, e in zip(paths, errors) if e is not None]
+    if not bad:
+        return list(paths), []
+    where = f" under {root}" if root else ""
+    shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    if not skip_bad:
+        raise DataError(f"{len(bad)} of {len(paths)} files{where} are not readable images: "
+                        f"{shown}; fix or remove them, or pass --skip-bad to leave them out")
+    if len(bad) == len(paths):
+        raise DataError(f"--skip-bad: none of the {len(paths)} files{where} is a readable image")
+    if cdist.get_rank() == 0:
+        print(f"--skip-bad: left out {len(bad)} unreadable files{where}: {shown}", flush=True)
+    return [p for p, e in zip(paths, errors) if e is None], bad
+
+
 def find_images(root):
     return sorted(p for p in Path(root).rglob("*")
                   if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith("._"))
@@ -91,9 +134,9 @@ class ImageList(torch.utils.data.Dataset):
     """Images from a list of paths. With skip_bad an unreadable image is replaced by the next
     readable one (deterministically) and counted in the sample's `skipped` field."""
 
-    def __init__(self, paths, labels, classes, skip_bad=False):
+    def __init__(self, paths, labels, classes, skip_bad=False, left_out=()):
         self.paths, self.targets, self.classes = [str(p) for p in paths], list(labels), classes
-        self.skip_bad = skip_bad
+        self.skip_bad, self.left_out = skip_bad, list(left_out)  # unreadable files left out
 
     def __len__(self):
         return len(self.paths)
@@ -135,7 +178,11 @@ def nct_dataset(root, train_list=None, skip_bad=False):
         items = [found[k] for k in keys]
     else:
         items = [found[k] for k in sorted(found)]
-    return ImageList([p for p, _ in items], [y for _, y in items], list(NCT_CLASSES), skip_bad)
+    good, bad = check_headers([p for p, _ in items], skip_bad, root)
+    good = set(good)
+    items = [(p, y) for p, y in items if p in good]
+    return ImageList([p for p, _ in items], [y for _, y in items], list(NCT_CLASSES), skip_bad,
+                     left_out=bad)
 
 
 def _read_list(path):
@@ -157,11 +204,12 @@ def folder_dataset(root, skip_bad=False):
     paths = find_images(root)
     if not paths:
         raise DataError(f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
+    paths, bad = check_headers(paths, skip_bad, root)
     tops = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None
             for p in paths]
     classes = sorted({t for t in tops if t is not None})
     labels = [classes.index(t) if t is not None else -1 for t in tops]
-    return ImageList(paths, labels, classes, skip_bad)
+    return ImageList(paths, labels, classes, skip_bad, left_out=bad)
 
 
 def build_dataset(args):

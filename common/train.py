@@ -400,6 +400,10 @@ class Trainer:
         self.run, self.model, self.optimizer = run, model, optimizer
         self.loader, self.sampler, self.backbone = loader, sampler, backbone
         self.extra_log = extra_log or {}
+        left_out = getattr(getattr(loader.dataset, "base", None), "left_out", None)
+        if left_out:  # --skip-bad left unreadable files out of the dataset: say so in every line
+            self.extra_log = {**self.extra_log, "unreadable_left_out": len(left_out),
+                              "unreadable_examples": left_out[:10]}
         self.steps_per_epoch = len(sampler) // loader.batch_size
         self.epoch, self.step, self.sums, self.history = 0, 0, {}, []
         self.ckpt_path = run.out / "checkpoint.pth"
@@ -472,7 +476,7 @@ class Trainer:
             run.steps_this_run += 1
             dt = time.perf_counter() - t_end
             t_end = time.perf_counter()
-            self._add({"img_per_s": run.global_batch / dt, "data_time": t_data, "time": dt,
+            self._add({"img_per_s": run.global_batch / dt, "data_time": t_data, "step_time_s": dt,
                        "skipped": float(batch["skipped"].sum())}, sum_only=True)
             bar.update(1)
             bar.set_postfix_str("  ".join(f"{k} {self.sums[k] / self.sums['n']:.4g}"
@@ -527,7 +531,8 @@ class Trainer:
             with open(run.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             export_backbone(self.backbone, run.out / "backbone.pth")
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch")
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                              if k != "epoch" and isinstance(v, (int, float)))
             print(f"epoch {rec['epoch']}: {shown}", flush=True)
             if rec.get("skipped"):
                 print(f"warning: {int(rec['skipped'])} unreadable images skipped this epoch",

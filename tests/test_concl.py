@@ -131,7 +131,7 @@ def test_fixed_count_keeps_real_keys_only():
 def concl_args(**kw):
     a = dict(arch="resnet18", dim=16, queue_size=32, moco_m=0.999, temperature=0.2, bn_splits=1,
              concept="grid", grid_size=1, num_concepts=8, cluster_stage=4, img_size=64,
-             concept_weight=1.0, official_key_order=False, concept_ids=1)
+             concept_weight=1.0, official_key_order=False, concept_ids=1, init="openselfsup")
     a.update(kw)
     return types.SimpleNamespace(**a)
 
@@ -168,13 +168,16 @@ def log(out):
 
 @pytest.mark.parametrize("concept", ["kmeans", "grid", "fh"])
 def test_each_concept_source_trains(tmp_path, concept):
-    run_script("concl.py", *TINY, "--concept", concept, "--vis-every", "2",
+    extra = ["--fh-input", "tile"] if concept == "fh" else []  # the cached path (reference: 2-proc)
+    run_script("concl.py", *TINY, "--concept", concept, *extra, "--vis-every", "2",
                "--output-dir", tmp_path)
     rows = log(tmp_path)
     assert "loss_concept" not in rows[0] and rows[1]["n_concepts"] > 0
     assert rows[1]["loss"] == pytest.approx(rows[1]["loss_concept"])  # lambda = 1
     png = Image.open(tmp_path / "concepts_epoch001.png")
-    assert png.size == (4 * 64, 8 * 64)
+    assert png.size == (4 * 112, 18 + 8 * 112)  # 112 px cells under a header line at 64 px
+    header = np.asarray(png)[:18]
+    assert (header < 128).any() and (header == 255).mean() > 0.8  # dark header text on white
     if concept == "fh":
         assert len(list((tmp_path / "masks").rglob("*.png"))) == 16  # FH computed once per tile
 
@@ -185,6 +188,7 @@ def test_concept_sources_train_on_two_processes(tmp_path, concept):
                "--output-dir", tmp_path, nproc=2)
     rows = log(tmp_path)
     assert rows[1]["n_concepts"] > 0 and np.isfinite(rows[1]["loss_concept"])
+    assert not (tmp_path / "masks").exists()  # fh segments x_r each step: nothing cached
 
 
 def test_file_concepts_from_a_mask_folder(tmp_path):
@@ -223,4 +227,71 @@ def test_show_concepts_on_a_trained_checkpoint(tmp_path):
     p = run_script("concl.py", *TINY, "--epochs", "1", "--output-dir", tmp_path,
                    "--show-concepts", "3")
     assert "concepts.png" in p.stdout
-    assert Image.open(tmp_path / "concepts.png").size == (4 * 64, 3 * 64)
+    assert Image.open(tmp_path / "concepts.png").size == (4 * 112, 18 + 3 * 112)
+
+
+# ----------------------------------------------------------------------------- fidelity (issue 12)
+def test_grid_cells_cover_equal_areas_of_the_reference_view():
+    # s = 5 over x_r: seen by a view equal to x_r at 10 x 10, every cell holds 2 x 2 of each id
+    # (the old 14-cell raster gave rows of 3, 3, 3, 3, 2 reference cells: unequal areas)
+    model = concl.ConCL(concl_args(concept="grid", grid_size=5, concept_ids=25))
+    box = torch.tensor([[10.0, 20.0, 150.0, 160.0]])
+    ref = model.reference_labels({"ref_box": box}, None, "cpu")
+    lab = concl.view_masks(ref, box, box, torch.tensor([False]), 10)
+    assert torch.bincount(lab.flatten(), minlength=25).tolist() == [4] * 25
+    lab = concl.view_masks(ref, box, box, torch.tensor([False]), 15)   # 3 x 3 each at 15
+    assert torch.bincount(lab.flatten(), minlength=25).tolist() == [9] * 25
+
+
+def test_cluster_stages_f1_to_f5_have_the_strides_of_table_4c():
+    from common.models import resnet
+    net = resnet("resnet18").eval()
+    x = torch.zeros(1, 3, 64, 64)
+    shapes = [tuple(concl.stage_map(net, x, s).shape[1:]) for s in range(1, 6)]
+    assert shapes == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    model = concl.ConCL(concl_args(concept="kmeans", cluster_stage=1, num_concepts=4))
+    labels = model.reference_labels({}, torch.randn(2, 3, 64, 64), "cpu")
+    assert labels.shape == (2, 32, 32) and labels.max() < 4
+
+
+def views_for(args, base):
+    return concl.ConceptViews(base, [concl.augmentation("v2", args.img_size)] * 2, 0, args)
+
+
+def test_fh_segments_the_reference_view_by_default(monkeypatch):
+    from common.demo import DemoTiles
+    seen = []
+    real = concl.felzenszwalb
+    monkeypatch.setattr(concl, "felzenszwalb", lambda img, *a, **k: seen.append(img) or real(img, *a, **k))
+    a = types.SimpleNamespace(concept="fh", fh_input="reference", fh_scale=100, img_size=64,
+                              max_concepts=64, concept_threshold=None)
+    s = views_for(a, DemoTiles(2, 0))[1]
+    assert len(seen) == 1 and np.array_equal(seen[0], s["ref"].permute(1, 2, 0).numpy())
+    expect = concl.crop_labels(real(seen[0], 100, 100), torch.tensor([0, 0, 64, 64]), 4, 64)
+    assert torch.equal(s["ref_labels"], expect)
+
+
+def test_concept_threshold_binarises_grey_saliency(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "t.png")
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))      # a left-to-right ramp
+    (tmp_path / "m").mkdir()
+    Image.fromarray(grey).save(tmp_path / "m" / "t.png")
+    from common.data import folder_dataset
+    base = folder_dataset(tmp_path, skip_bad=False)
+    base.paths = [p for p in base.paths if "/m/" not in p]
+    a = types.SimpleNamespace(concept="file", concept_dir=str(tmp_path / "m"), img_size=64,
+                              max_concepts=64, concept_threshold=None)
+    assert len(views_for(a, base)[0]["ref_labels"].unique()) > 2   # every grey level an id
+    a.concept_threshold = 128
+    s = views_for(a, base)[0]
+    box = s["ref_box"].tolist()
+    labels = s["ref_labels"]
+    assert len(labels.unique()) == 2
+    # nearest sampling of the ramp: reference cells whose centre lies at x >= 32 are salient
+    centres = box[0] + (np.arange(4) + 0.5) * (box[2] - box[0]) / 4
+    salient = centres >= 32
+    assert salient.any() and not salient.all()
+    row = labels[0].tolist()
+    first = int(np.argmax(salient))
+    assert [row[j] == row[first] for j in range(4)] == salient.tolist()

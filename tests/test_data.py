@@ -194,3 +194,38 @@ def test_to_device_matches_torchvision_normalize():
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     ref = T.Normalize(cdata.IMAGENET_MEAN, cdata.IMAGENET_STD)(x.float() / 255)
     torch.testing.assert_close(cdata.to_device(x, torch.device("cpu")), ref)
+
+
+def test_every_header_is_checked_before_training(tmp_path, capsys):
+    # 16 good tiles and two that are not images: found at build time, all named at once, even
+    # though a sampler with drop_last might never draw them
+    for i in range(16):
+        save(tmp_path / "tiles" / f"a{i:02d}.png", tile(i))
+    (tmp_path / "tiles" / "notes.png").write_text("not an image")
+    (tmp_path / "tiles" / "sub").mkdir()
+    (tmp_path / "tiles" / "sub" / "empty.tif").write_bytes(b"")
+    args = args_for("folder", str(tmp_path / "tiles"))
+    with pytest.raises(cdata.DataError, match=r"2 of 18 files .* not readable images: "
+                                              r"notes\.png, sub/empty\.tif; .*--skip-bad"):
+        cdata.build_dataset(args)
+    args.skip_bad = True
+    ds = cdata.build_dataset(args)
+    assert len(ds) == 16 and ds.left_out == ["notes.png", "sub/empty.tif"]
+    assert "left out 2 unreadable files" in capsys.readouterr().out
+
+
+def test_moco_refuses_a_folder_with_a_bad_file_before_training(tmp_path):
+    from tests.conftest import run_script
+    for i in range(16):
+        save(tmp_path / "tiles" / f"a{i:02d}.png", tile(10 * i, 64))
+    (tmp_path / "tiles" / "broken.png").write_bytes(b"\x89PNG\r\n")
+    common = ["moco.py", "--data", "folder", "--data-root", tmp_path / "tiles", "--batch-size",
+              "8", "--img-size", "64", "--queue-size", "16", "--epochs", "1", "--workers", "0"]
+    p = run_script(*common, "--output-dir", tmp_path / "run", check=False)
+    assert p.returncode == 2 and "broken.png" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()  # a failed start leaves no folder behind
+    p = run_script(*common, "--skip-bad", "--output-dir", tmp_path / "run2")
+    assert "left out 1 unreadable files" in p.stdout and "broken.png" in p.stdout
+    import json
+    rec = json.loads((tmp_path / "run2" / "log.jsonl").read_text().splitlines()[0])
+    assert rec["unreadable_left_out"] == 1 and rec["unreadable_examples"] == ["broken.png"]
