@@ -143,7 +143,11 @@ class Encoder(nn.Module):
         first `keep` levels (all by default)."""
         keep = keep or len(counts)
         feats = resnet_maps(self.backbone, x)[4 - self.levels:]         # C_{6-S} .. C5
-        maps = fpn_levels(self.fpn, feats, counts[:keep])
+        return self.embed(fpn_levels(self.fpn, feats, counts[:keep]))
+
+    def embed(self, maps):
+        """[P_{5-i} of level i's montages (n_i, 256, r*w, r*w)] -> [(n_i * r*r, dim)]: every
+        window its own sample through the head (one batch for all levels) and the projector."""
         wins = torch.cat([windows(p, 2 ** i) for i, p in enumerate(maps)])  # (sum slots, 256, w, w)
         e = self.projector(self.head(wins).mean((2, 3)))
         return list(e.split([m.shape[0] * 4 ** i for i, m in enumerate(maps)]))
