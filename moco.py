@@ -144,7 +144,8 @@ def get_args(argv=None):
     p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("moco")
-    g.add_argument("--version", choices=["v1", "v2"], default="v2")
+    g.add_argument("--version", choices=["v1", "v2"], default="v2",
+                   help="MoCo v1 (linear head, T 0.07, step lr) or v2 (MLP head, blur, cosine)")
     g.add_argument("--queue-size", type=cli.positive_int, default=16384, help="K (ImageNet MoCo: 65536)")
     g.add_argument("--moco-m", type=cli.unit_float, default=0.999, help="key encoder momentum")
     g.add_argument("--temperature", type=cli.positive_float, default=None, help="default v1 0.07, v2 0.2")
