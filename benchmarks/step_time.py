@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import byol  # noqa: E402
 import concl  # noqa: E402
 import densecl  # noqa: E402
+import mcl  # noqa: E402
 import moco  # noqa: E402
 import simclr  # noqa: E402
 from common import data as cdata  # noqa: E402
@@ -189,13 +190,54 @@ def densecl_build(a, device):
     return train_step(model, sgd(model.parameters()), lambda: model(xq, xk, 0.5), a, device)
 
 
+def mcl_entry(levels=3):
+    """MCL's step: 2 x S views assembled into both branches' montage batches (the permutations
+    are part of the step), EMA after the optimiser step. S drops where the batch does not split
+    into S levels (--quick's 8: S = 2). Its bound is BYOL's work at the branch's B + B/4 + B/16
+    images: the appendix's 1.3125x, without FPN and head."""
+    def n_levels(a):
+        return next(s for s in (levels, 2, 1) if a.batch_size % 4 ** (s - 1) == 0)
+
+    def build(a, device):
+        S = n_levels(a)
+        model = prepare(mcl.MCL(a.arch, S), device)
+        views = [images(a, device) for _ in range(2 * S)]
+        opt = ctrain.LARS(ctrain.lars_param_groups(model, 1e-5), lr=0.1)
+
+        def forward():
+            x_q, l_q = mcl.assemble(views[:S], S)
+            x_k, l_k = mcl.assemble(views[S:], S)
+            return model(x_q, l_q, x_k, l_k)
+        step = train_step(model, opt, forward, a, device)
+
+        def step_and_ema():
+            step()
+            model.momentum_update(0.99)  # after the optimiser step, as mcl.train_one_epoch
+        return step_and_ema
+
+    def build_bound(a, device):
+        S = n_levels(a)
+        n = sum(c // 4 ** i for i, c in enumerate(mcl.slot_counts(a.batch_size, S)))
+        return bound(argparse.Namespace(**{**vars(a), "batch_size": n}), device, 2, 2)
+    return build, build_bound
+
+
+def mcl_report(out):
+    """MCL against BYOL in the same run (the appendix's accounting: 1.3125x the online cost for
+    S = 3; target at most 1.40x with the FPN and the head)."""
+    m = out["methods"]
+    if "mcl" in m and "byol" in m:
+        out["mcl_vs_byol"] = m["mcl"]["step_s"] / m["byol"]["step_s"]
+        print(f"\n# MCL step / BYOL step: {out['mcl_vs_byol']:.3f}x (appendix accounting 1.3125x)")
+
+
 # name -> (build the method's step, build its backbone-only bound: online, target views)
 METHODS = {"moco_v2": moco_entry("v2"), "moco_v1": moco_entry("v1"),
            "simclr": (simclr_build, lambda a, device: bound(a, device, 2, 0)),
            "byol": (byol_build, lambda a, device: bound(a, device, 2, 2)),
            "densecl": (densecl_build, lambda a, device: bound(a, device, 1, 1)),
            "concl_grid": concl_entry("grid"), "concl_fh": concl_entry("fh"),
-           "concl_kmeans": concl_entry("kmeans")}
+           "concl_kmeans": concl_entry("kmeans"), "mcl": mcl_entry()}
 
 
 def concl_split(a, device):
@@ -362,6 +404,7 @@ def main():
     for name, t, tb, mem in rows:
         vs = f"{t / base:.2f}x" if base else "n/a"
         print(f"| {name} | {a.batch_size / t:.1f} | {t:.3f} | {tb:.3f} | {t / tb:.2f}x | {vs} | {mem} |")
+    mcl_report(out)
 
     if "concl_kmeans" in out["methods"]:
         split = concl_split(a, device)
