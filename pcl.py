@@ -205,14 +205,16 @@ class PCL(MoCo):
 def embed_tiles(encoder, base, run, args):
     """(N, D) L2-normalised momentum embeddings of every tile of `base` (centre crop at
     --img-size, eval-mode BN with rank 0's statistics), each process embedding a contiguous
-    share; gathered, the same on every process, in dataset order."""
-    n, per = len(base), math.ceil(len(base) / run.world)
+    share of whole batches of 4 x --batch-size tiles (so every batch, and every bit of the
+    result, is the same on any number of processes); gathered, in dataset order."""
+    n, b = len(base), 4 * args.batch_size
+    per = math.ceil(math.ceil(n / b) / run.world) * b
     encoder = copy.deepcopy(encoder)  # training's BN statistics stay untouched
     if run.world > 1:
-        for b in encoder.buffers():
-            torch.distributed.broadcast(b, 0)
+        for buf in encoder.buffers():
+            torch.distributed.broadcast(buf, 0)
     share = torch.utils.data.Subset(base, range(min(n, run.rank * per), min(n, (run.rank + 1) * per)))
-    loader = tile_loader(share, args.img_size, 256, args.workers if n > 1000 else 0)
+    loader = tile_loader(share, args.img_size, b, args.workers if n > 1000 else 0)
     f = (extract_features(encoder, loader, run.device, progress=None if run.main else False)[0]
          if len(share) else torch.zeros(0, args.dim))
     padded = torch.zeros(per, args.dim, device=run.device)

@@ -1,0 +1,222 @@
+"""PCL v2's pieces against brute force and hand-written formulas, and its runs end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pcl
+from tests.conftest import REPO, run_script
+
+
+# ----------------------------------------------------------------------------- k-means
+def blobs(seed, k=6, per=20, dim=8, spread=0.1, scale=5.0):
+    g = torch.Generator().manual_seed(seed)
+    centres = scale * torch.randn(k, dim, generator=g)
+    truth = torch.arange(k * per) % k
+    return centres[truth] + spread * torch.randn(k * per, dim, generator=g), truth
+
+
+def test_nearest_in_blocks_equals_brute_force():
+    x, c = torch.randn(50, 5), torch.randn(7, 5)
+    d = torch.cdist(x, c) ** 2
+    for block in (7, 20, 10 ** 6):  # one row per block, a few rows, everything at once
+        labels, d2 = pcl.nearest(x, c, block)
+        assert torch.equal(labels, d.argmin(1))
+        torch.testing.assert_close(d2, d.min(1).values, atol=1e-4, rtol=1e-4)
+
+
+def test_kmeans_finds_separated_clusters():
+    x, truth = blobs(0)
+    c, labels, d2 = pcl.kmeans(x, 6, seed=3, block=30)
+    pairs = set(zip(labels.tolist(), truth.tolist()))
+    assert len(pairs) == 6 and len({a for a, _ in pairs}) == 6  # a bijection with the truth
+    for j in range(6):  # centroids are the means of their points, labels the nearest centroid
+        torch.testing.assert_close(c[j], x[labels == j].mean(0), atol=1e-5, rtol=1e-5)
+    d = torch.cdist(x, c) ** 2
+    assert torch.equal(labels, d.argmin(1))
+    torch.testing.assert_close(d2, d.min(1).values, atol=1e-4, rtol=1e-4)
+
+
+def plain_lloyd(x, k, iters, g):
+    """Textbook Lloyd from k random points, no restarts, no re-seeding."""
+    c = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    for _ in range(iters):
+        a = torch.cdist(x, c).argmin(1)
+        c = torch.stack([x[a == j].mean(0) if (a == j).any() else c[j] for j in range(k)])
+    return (torch.cdist(x, c).min(1).values ** 2).sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_inertia_not_worse_than_plain_lloyd(seed):
+    x, _ = blobs(seed, k=12, per=15, spread=1.5, scale=2.0)  # overlapping blobs
+    _, _, d2 = pcl.kmeans(x, 12, seed=seed)
+    plain = plain_lloyd(x, 12, 20, torch.Generator().manual_seed(seed))
+    assert d2.sum() <= plain * (1 + 1e-6)
+
+
+def test_empty_cluster_is_reseeded_on_the_farthest_point():
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [9.0, 0.0]])
+    c = torch.tensor([[0.0, 0.0], [7.0, 0.0], [100.0, 100.0]])  # the third gets no point
+    c1, labels, _ = pcl.lloyd(x, c, iters=1)
+    # after the update: means (0.05, 0), (7, 0); the empty centroid jumps onto the point farthest
+    # from its centroid, (5, 0) or (9, 0) at distance 2 (the first is not guaranteed): then the
+    # final assignment gives it that point
+    assert torch.allclose(c1[0], torch.tensor([0.05, 0.0]))
+    assert c1[2].tolist() in ([5.0, 0.0], [9.0, 0.0]) and len(set(labels.tolist())) == 3
+
+
+# ----------------------------------------------------------------------------- phi
+def test_concentration_hand_computed():
+    # cluster 0: distances 1, 3; 1: four 2s; 2: one point; 3: three 4s; 4: empty
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 2, 3, 3, 3])
+    dist = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 2.0, 0.5, 4.0, 4.0, 4.0])
+    raw = np.array([2 / math.log(12), 2 / math.log(14), 0.0, 4 / math.log(13), 0.0])
+    raw[[2, 4]] = raw.max()                      # <= 1 point: the largest phi
+    lo = raw.min() + 0.4 * (np.sort(raw)[1] - raw.min())  # 10th percentile: 0.4 of the first gap
+    assert lo == pytest.approx(np.percentile(raw, 10))
+    clipped = raw.clip(lo, raw.max())            # 90th percentile = the max here (three ties)
+    expected = 0.2 * clipped / clipped.mean()
+    phi = pcl.concentration(dist, labels, 5, 0.2)
+    np.testing.assert_allclose(phi.numpy(), expected, rtol=1e-6)
+    assert phi[1] > phi[1].new_tensor(0.2 * raw[1] / clipped.mean())  # cluster 1 was clipped up
+    assert phi.mean().item() == pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------- ProtoNCE
+def test_proto_nce_equals_hand_written_loss():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(3, 4), dim=1)
+    protos = F.normalize(torch.randn(6, 4), dim=1)
+    phi = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25, 0.05])
+    pos, neg = torch.tensor([2, 0, 2]), torch.tensor([5, 1])
+    cols = pos.tolist() + neg.tolist()          # the batch's prototypes, then the negatives
+    expected = 0.0
+    for i in range(3):
+        logit = [float(q[i] @ protos[j]) / float(phi[j]) for j in cols]
+        expected += -(logit[i] - math.log(sum(math.exp(v) for v in logit))) / 3
+    assert pcl.proto_nce(q, pos, neg, protos, phi).item() == pytest.approx(expected, rel=1e-5)
+    # the released sampling: row 0 and row 2 share cluster 2, so row 0 meets its own prototype
+    # again as a negative in column 2
+    lp = pcl.proto_logits(q, pos, neg, protos, phi)
+    assert lp[0, 2] == lp[0, 0] and lp[2, 0] == lp[2, 2]
+
+
+def test_negatives_never_hold_a_batch_cluster():
+    torch.manual_seed(1)
+    for _ in range(50):
+        pos = torch.randint(0, 40, (16,))             # duplicates included
+        neg = pcl.sample_negatives(pos, 60, 30)
+        assert len(neg) == 30 and len(set(neg.tolist())) == 30
+        assert not set(neg.tolist()) & set(pos.tolist()) and neg.max() < 60
+    pos = torch.arange(10)
+    assert set(pcl.sample_negatives(pos, 14, 4).tolist()) == {10, 11, 12, 13}  # all free ones
+    with pytest.raises(AssertionError):
+        pcl.sample_negatives(pos, 14, 5)
+
+
+# ----------------------------------------------------------------------------- the E-step
+E_STEP = """
+import sys; sys.path.insert(0, {repo!r})
+import torch
+import pcl
+from common import data as cdata, dist as cdist, train as ctrain
+args = pcl.get_args(sys.argv[1:])
+run = ctrain.Run(args, "pcl")
+pcl.check_moco_args(args, run)
+base = cdata.build_dataset(args)
+model = pcl.PCL(args, len(base))
+pcl.e_step(model, base, run, args, epoch=3)
+if run.main:
+    torch.save({{k: v for k, v in model.state_dict().items() if k.startswith("clusters")}},
+               run.out / "clusters.pth")
+cdist.cleanup()
+"""
+
+
+def test_e_step_identical_on_one_and_two_processes(tmp_path):
+    script = tmp_path / "e_step.py"
+    script.write_text(E_STEP.format(repo=str(REPO)))
+    flags = ["--data", "demo", "--demo-size", "21", "--img-size", "64", "--batch-size", "4",
+             "--workers", "0", "--queue-size", "64", "--num-clusters", "3", "5", "7",
+             "--kmeans-redo", "2"]
+    got = []
+    for nproc in (1, 2):  # 21 tiles, batches of 16: shares of 16 and 5; k=5 comes from rank 1
+        out = tmp_path / f"n{nproc}"
+        p = run_script(script, *flags, "--output-dir", out, nproc=nproc)
+        assert "E-step epoch 3: 21 x 128 embeddings" in p.stdout and "k=7: cluster sizes" in p.stdout
+        got.append(torch.load(out / "clusters.pth"))
+    one, two = got
+    assert one.keys() == two.keys() and len(one) == 9
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+    for i, k in enumerate((3, 5, 7)):
+        assert one[f"clusters.{i}.im2cluster"].max() < k
+        torch.testing.assert_close(one[f"clusters.{i}.prototypes"].norm(dim=1), torch.ones(k))
+        assert one[f"clusters.{i}.phi"].mean().item() == pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------- runs
+TINY = ["pcl.py", "--data", "demo", "--demo-size", "24", "--batch-size", "8", "--img-size", "64",
+        "--queue-size", "64", "--workers", "0", "--epochs", "2", "--warmup-epochs", "1",
+        "--num-clusters", "12", "16", "--pcl-r", "4"]
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pcl") / "ref"
+    return out, run_script(*TINY, "--output-dir", out)
+
+
+def check_log(rows):
+    assert "loss_proto" not in rows[0] and "e_step_s" not in rows[0]  # warm-up: MoCo v2
+    r = rows[1]
+    assert r["loss"] == pytest.approx(r["loss_instance"] + r["loss_proto"])
+    assert 0 < r["loss_proto"] < 20 and 0 <= r["acc_proto"] <= 100 and r["e_step_s"] > 0
+
+
+def test_single_process_run_across_the_warmup(single):
+    out, p = single
+    check_log(log(out))
+    assert "E-step epoch 1: 24 x 128" in p.stdout and "k=16: cluster sizes" in p.stdout
+    assert "E-step epoch 0" not in p.stdout
+
+
+def test_two_processes_across_the_warmup(tmp_path):
+    out = tmp_path / "two"
+    argv = list(TINY)
+    argv[argv.index("--batch-size") + 1] = "4"
+    p = run_script(*argv, "--output-dir", out, nproc=2)
+    check_log(log(out))
+    assert p.stdout.count("E-step epoch 1") == 1  # printed once, by rank 0
+
+
+def test_resume_inside_a_clustered_epoch_is_bit_identical(single, tmp_path):
+    ref, _ = single
+    cut = tmp_path / "cut"  # 3 steps per epoch: stop after epoch 1's first step
+    run_script(*TINY, "--output-dir", cut, "--stop-after-steps", "4")
+    assert int(torch.load(cut / "checkpoint.pth", weights_only=False)["model"]["cluster_epoch"]) == 1
+    p = run_script(*TINY, "--output-dir", cut)
+    assert "E-step epoch 1" not in p.stdout  # the checkpoint's prototypes, not recomputed ones
+    a, b = torch.load(ref / "backbone.pth"), torch.load(cut / "backbone.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = log(ref), log(cut)
+    for key in ("loss", "loss_instance", "loss_proto", "acc_proto"):
+        assert ra[1][key] == rb[1][key], key
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--num-clusters", "12", "30"], "--num-clusters 30: more clusters than the 24 training tiles"),
+    (["--num-clusters", "12", "16", "--pcl-r", "5"], "--pcl-r 5 exceeds the negatives available"),
+])
+def test_counts_the_data_cannot_hold_fail_clearly(tmp_path, flags, culprit):
+    p = run_script(*TINY, *flags, "--output-dir", tmp_path / "bad", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and culprit in last and "--num-clusters 48 96 --pcl-r 16" in last
+    assert not (tmp_path / "bad").exists()
