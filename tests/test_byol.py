@@ -279,3 +279,30 @@ def test_two_processes_gloo_and_resume(reference, tmp_path):
     run_script(*two, "--output-dir", tmp_path / "cut", nproc=2)
     assert same(load(tmp_path / "cut" / "checkpoint.pth")["model"],
                 load(tmp_path / "ref" / "checkpoint.pth")["model"])
+
+
+def test_head_bn_normalises_in_groups_of_the_per_gpu_batch():
+    # With 2 head-BN groups the projector on 8 images equals a plain-BN projector run on each
+    # group of 4 (images 0, 2, 4, 6 and 1, 3, 5, 7), as on 2 GPUs of 4 images each
+    torch.manual_seed(0)
+    split = byol.BYOL(hidden_dim=32, dim=16, head_bn_splits=2).online[1]
+    plain = byol.mlp(512, 32, 16, "kaiming")
+    plain.load_state_dict(split.state_dict())
+    x = torch.randn(8, 512)
+    out = split(x)
+    for g in range(2):
+        assert torch.allclose(out[g::2], plain(x[g::2]), atol=1e-5)
+    assert not torch.allclose(out, plain(x), atol=1e-3)  # one BN over all 8 differs
+
+
+def test_head_bn_group_flag_sets_the_splits(tmp_path):
+    from tests.conftest import run_script
+    import json
+    run_script("byol.py", "--data", "demo", "--demo-size", "16", "--batch-size", "8",
+               "--img-size", "64", "--epochs", "1", "--workers", "0", "--knn-every", "0",
+               "--head-bn-group", "4", "--output-dir", tmp_path)
+    assert json.loads((tmp_path / "args.json").read_text())["head_bn_splits"] == 2
+    p = run_script("byol.py", "--data", "demo", "--demo-size", "16", "--batch-size", "8",
+                   "--img-size", "64", "--epochs", "1", "--workers", "0", "--head-bn-group", "3",
+                   "--output-dir", tmp_path / "b", check=False)
+    assert p.returncode == 2 and "--head-bn-group 3" in p.stderr

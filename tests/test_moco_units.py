@@ -181,3 +181,14 @@ def test_shuffle_single_process_is_permutation_with_inverse():
     s, un = cdist.batch_shuffle(x)
     assert sorted(s.squeeze(1).tolist()) == list(range(16)) and not torch.equal(s, x)
     torch.testing.assert_close(cdist.batch_unshuffle(s, un), x)
+
+
+def test_openselfsup_init_is_kaiming_fan_in():
+    # conv1 of ResNet-18: fan_in 3*7*7 = 147, fan_out 64*7*7 = 3136; std = sqrt(2 / fan)
+    torch.manual_seed(0)
+    w = resnet("resnet18").conv1.weight
+    assert abs(w.std().item() - (2 / 147) ** 0.5) < 0.01
+    w = resnet("resnet18", "torchvision").conv1.weight
+    assert abs(w.std().item() - (2 / 3136) ** 0.5) < 0.003
+    net = resnet("resnet18")
+    assert torch.equal(net.bn1.weight, torch.ones(64)) and torch.equal(net.bn1.bias, torch.zeros(64))
