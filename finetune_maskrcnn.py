@@ -12,25 +12,28 @@ reports the mean.
     torchrun --nproc_per_node=8 finetune_maskrcnn.py --data glas --data-root /data/GlaS \\
         --pretrained runs/concl/backbone.pth --output-dir runs/ft-glas-concl     # Table 1 row
     python finetune_maskrcnn.py --data demo --max-iters 200 --batch-size 4 --img-size 128 --runs 1
+    python -m common.glands convert-cpm --src CPM15 --out data/cpm --test image14 image15
+    python finetune_maskrcnn.py --data instances --data-root data/cpm        # nuclei, your own
 
 A healthy log: `loss` (sum of the RPN, box and mask losses) falls from about 2-3 to well under 1
 within the first few hundred iterations and lr rises through the warm-up; a loss that jumps to
 NaN early points at frozen or mis-loaded BN statistics. Outputs: `run<i>/metrics.json` (COCO AP,
 AP50, AP75, APs/m/l for `bbox` and `segm`, in percent), `run<i>/model_final.pth`,
-`run<i>/log.jsonl`, `run<i>/vis/*.png` (predictions in magenta over ground truth in green), and
+`run<i>/log.jsonl`, `run<i>/vis/*.png` (predicted outlines in yellow over ground truth in green), and
 over the runs `metrics.json` (means), `summary.json` (mean and std) and `results.md` (a table row).
 """
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from common import cli
 from common import dist as cdist
 from common import glands
 from common import train as ctrain
@@ -43,63 +46,85 @@ from common.models import ARCHS, load_pretrained
 # shortest-edge range in training, the test size, the 1x schedule, and Detectron2's RoI budgets.
 # Demo: small and quick; its images hold 2-8 glands, so it also samples fewer RoIs, proposals
 # and detections per image, which is what makes a CPU fine-tune take minutes, not hours.
+# Instances (nuclei and other small objects; our choice, no paper): tens of images of a few
+# hundred objects each, so 2000 iterations, up to 500 detections per image (COCO's 100 would cap
+# recall on a CPM-15 tile of 292 nuclei) and anchors 8-128 px instead of Detectron2's 32-512:
+# nuclei span 5-36 px (median 14-24) in the CPM-15 samples, and a 14 px nucleus overlaps a 32 px
+# anchor at IoU 0.19, under the RPN's 0.3 negative threshold: it would get only its one
+# best-matching anchor as a positive. At 8-128 it has a 16 px anchor at IoU 0.77.
 PAPER_HEADS = dict(rois_per_image=512, proposals=1000, detections=100)
+D2_ANCHORS, NUCLEI_ANCHORS = (32, 64, 128, 256, 512), (8, 16, 32, 64, 128)
 DATASETS = {
     "glas": dict(iters=5000, steps=(4000,), warmup=1000, train_sizes=(400, 522), test_size=522,
-                 **PAPER_HEADS),
+                 anchors=D2_ANCHORS, **PAPER_HEADS),
     "crag": dict(iters=15000, steps=(10000, 13000), warmup=1000, train_sizes=(768, 1024),
-                 test_size=768, **PAPER_HEADS),
+                 test_size=768, anchors=D2_ANCHORS, **PAPER_HEADS),
+    "instances": dict(iters=2000, steps=(1500, 1800), warmup=200, train_sizes=(448, 576),
+                      test_size=512, anchors=NUCLEI_ANCHORS, rois_per_image=512, proposals=1000,
+                      detections=500),
     "demo": dict(iters=600, steps=(480,), warmup=50, train_sizes=(200, 256), test_size=256,
-                 rois_per_image=64, proposals=200, detections=20),
+                 anchors=D2_ANCHORS, rois_per_image=64, proposals=200, detections=20),
 }
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=list(DATASETS), default="demo",
-                   help="glas (test = testA + testB, 80 images), crag, demo (generated glands)")
-    g.add_argument("--data-root", help="GlaS folder (or its parent), CRAG folder (or its parent)")
-    g.add_argument("--demo-size", type=int, default=64,
+                   help="glas (test = testA + testB, 80 images; each also scored alone), crag, "
+                        "instances (your own: DATA_ROOT/{train,test}/{images,masks}, see "
+                        "README), demo (generated glands)")
+    g.add_argument("--data-root", help="GlaS folder (or its parent), CRAG folder (or its parent), "
+                   "instances folder")
+    g.add_argument("--demo-size", type=cli.positive_int, default=64,
                    help="demo training fields (test fields: a quarter as many)")
-    g.add_argument("--img-size", type=int, default=None,
-                   help="test shortest edge (default: GlaS 522, CRAG 768, demo 256, as the "
-                        "official configs); the training range scales with it")
-    g.add_argument("--train-sizes", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="training shortest-edge range (default GlaS 400 522, CRAG 768 1024; "
-                        "Detectron2's COCO default would be 640 800 with --img-size 800)")
-    g.add_argument("--max-size", type=int, default=1333)
-    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--img-size", type=cli.positive_int, default=None,
+                   help="test shortest edge (default: GlaS 522, CRAG 768, as the official "
+                        "configs; instances 512, demo 256); the training range scales with it")
+    g.add_argument("--train-sizes", type=cli.positive_int, nargs=2, default=None,
+                   metavar=("LO", "HI"),
+                   help="training shortest-edge range (default GlaS 400 522, CRAG 768 1024, "
+                        "instances 448 576; Detectron2's COCO default would be 640 800 with "
+                        "--img-size 800)")
+    g.add_argument("--max-size", type=cli.positive_int, default=1333, help="longest edge cap")
+    g.add_argument("--workers", type=cli.nonneg_int, default=4, help="loader processes per process")
     g = p.add_argument_group("model")
     g.add_argument("--detector", choices=DETECTORS, default="maskrcnn",
                    help="retinanet: the paper's Table 2 (boxes only)")
-    g.add_argument("--arch", choices=ARCHS, default="resnet18")
+    g.add_argument("--arch", choices=ARCHS, default="resnet18", help="ResNet body")
     g.add_argument("--pretrained", default="random", help="random | PATH to a checkpoint")
-    g.add_argument("--rois-per-image", type=int, default=None,
+    g.add_argument("--anchor-sizes", type=cli.positive_int, nargs=5, default=None, metavar="PX",
+                   help="anchor size per pyramid level, P2-P6 (RetinaNet P3-P7, x1, x2^1/3, "
+                        "x2^2/3 each); default 32 64 128 256 512 as Detectron2, instances 8 16 32 "
+                        "64 128 (nuclei are 5-36 px: see DATASETS)")
+    g.add_argument("--rois-per-image", type=cli.positive_int, default=None,
                    help="RoIs sampled per image for the box/mask heads (default 512; demo 64)")
-    g.add_argument("--proposals", type=int, default=None,
+    g.add_argument("--proposals", type=cli.positive_int, default=None,
                    help="RPN proposals kept per image after NMS (default 1000; demo 200)")
-    g.add_argument("--detections", type=int, default=None,
-                   help="detections per test image (default 100; demo 20)")
+    g.add_argument("--detections", type=cli.positive_int, default=None,
+                   help="detections per test image, also COCO's maxDets when above 100 (default "
+                        "100; instances 500; demo 20)")
     g = p.add_argument_group("training")
     g.add_argument("--schedule", default="1x", help="0.5x, 1x, 2x, 3x, 5x: scales iterations "
                    "and lr steps (appendix C)")
-    g.add_argument("--max-iters", type=int, default=None,
-                   help="override the schedule's length (steps and warm-up scale with it): smoke runs")
-    g.add_argument("--batch-size", type=int, default=None, help="images per process (default 16 "
-                   "/ number of processes: the paper's global batch 16). The lr scales with the "
-                   "global batch, the number of iterations does not")
-    g.add_argument("--lr", type=float, default=None, help="lr at global batch 16, scaled linearly "
-                   "(default 0.02 for Mask R-CNN, 0.01 for RetinaNet: the official configs)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--precise-bn", type=int, default=200,
+    g.add_argument("--max-iters", type=cli.positive_int, default=None,
+                   help="override the schedule's length (steps and warm-up scale with it): smoke "
+                        "runs")
+    g.add_argument("--batch-size", type=cli.positive_int, default=None, help="images per process "
+                   "(default 16 / number of processes: the paper's global batch 16). The lr "
+                   "scales with the global batch, the number of iterations does not")
+    g.add_argument("--lr", type=cli.positive_float, default=None, help="lr at global batch 16, "
+                   "scaled linearly (default 0.02 for Mask R-CNN, 0.01 for RetinaNet: the "
+                   "official configs)")
+    g.add_argument("--momentum", type=cli.unit_float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=cli.nonneg_float, default=1e-4,
+                   help="not applied to BN parameters")
+    g.add_argument("--precise-bn", type=cli.nonneg_int, default=200,
                    help="batches to recompute BN statistics over before testing (TEST.PRECISE_BN "
                         "in the official configs); 0 = off")
-    g.add_argument("--runs", type=int, default=5, help="independent fine-tunings (seeds seed.."
-                   "seed+runs-1); the paper reports the mean of 5")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--runs", type=cli.positive_int, default=5, help="independent fine-tunings "
+                   "(seeds seed..seed+runs-1); the paper reports the mean of 5")
+    g.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the first run")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None,
@@ -107,10 +132,14 @@ def get_args(argv=None):
                         "named by the checkpoint's folder (runs/concl/backbone.pth -> concl)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate each run's model_final.pth again and rewrite the metrics")
-    g.add_argument("--vis", type=int, default=4, help="test images drawn with predictions per run")
-    g.add_argument("--log-every", type=int, default=20, help="iterations per log.jsonl line")
-    g.add_argument("--ckpt-every", type=int, default=500, help="iterations per checkpoint")
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--vis", type=cli.nonneg_int, default=4,
+                   help="test images drawn with predictions per run")
+    g.add_argument("--log-every", type=cli.positive_int, default=20,
+                   help="iterations per log.jsonl line")
+    g.add_argument("--ckpt-every", type=cli.positive_int, default=500,
+                   help="iterations per checkpoint")
+    g.add_argument("--stop-after-steps", type=cli.positive_int, default=None,
+                   help=argparse.SUPPRESS)
     p.set_defaults(paper_batch=16)
     args = p.parse_args(argv)
     if args.lr is None:
@@ -121,6 +150,8 @@ def get_args(argv=None):
     for k in PAPER_HEADS:
         if getattr(args, k) is None:
             setattr(args, k, DATASETS[args.data][k])
+    if args.anchor_sizes is None:
+        args.anchor_sizes = list(DATASETS[args.data]["anchors"])
     return args
 
 
@@ -136,7 +167,8 @@ def pretraining_name(spec):
 # rather than resumed or reported under this command's name.
 RUN_KEYS = ("data", "detector", "arch", "pretrained", "schedule", "max_iters", "img_size",
             "train_sizes", "max_size", "lr", "global_batch", "momentum", "weight_decay", "seed",
-            "rois_per_image", "proposals", "detections", "precise_bn", "demo_size", "amp")
+            "rois_per_image", "proposals", "detections", "precise_bn", "demo_size", "amp",
+            "anchor_sizes")
 # --eval-only re-scores the same models on the same test set with the same test-time settings
 # (its metrics are later reported under the training command's args.json): all but training's.
 EVAL_KEYS = tuple(k for k in RUN_KEYS if k not in (
@@ -151,10 +183,25 @@ def schedule(args):
     except ValueError:
         raise DataError(f"--schedule {args.schedule!r}: use e.g. 0.5x, 1x, 2x") from None
     iters, steps, warmup = round(d["iters"] * f), [round(s * f) for s in d["steps"]], d["warmup"]
-    if args.max_iters:  # same shape, shorter
+    if args.max_iters is not None:  # same shape, shorter
         r = args.max_iters / iters
         iters, steps, warmup = args.max_iters, [round(s * r) for s in steps], round(warmup * r)
     return iters, steps, min(warmup, iters)
+
+
+def make_detector(args):
+    return build_detector(args.detector, args.arch, args.train_sizes, args.img_size, args.max_size,
+                          args.rois_per_image, args.proposals, args.detections, args.anchor_sizes)
+
+
+def split_groups(test_set):
+    """GlaS: Test A and Test B are also scored alone ({"testA": [indices], "testB": [...]})."""
+    groups = {}
+    for i, it in enumerate(test_set.items):
+        m = re.match(r"(test[AB])_", it["name"]) if it.get("image") else None
+        if m:
+            groups.setdefault(m.group(1), []).append(i)
+    return groups if len(groups) > 1 else {}
 
 
 def to_device(images, targets, device):
@@ -174,8 +221,7 @@ def train_one_run(args, run, r, out, train_set):
     train_set.seed = seed  # flips differ between runs, as everything else seeded by `seed`
     iters, steps, warmup = schedule(args)
     torch.manual_seed(sample_seed(seed, 2**31))  # heads and FPN: same on every rank
-    model, body = build_detector(args.detector, args.arch, args.train_sizes, args.img_size,
-                                 args.max_size, args.rois_per_image, args.proposals, args.detections)
+    model, body = make_detector(args)
     report = load_pretrained(body, args.pretrained)
     model = run.sync_bn(model).to(device)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.scaled_lr,
@@ -257,7 +303,7 @@ def train_one_run(args, run, r, out, train_set):
     if start < iters:
         save(iters)
     # BN statistics from the batches after the schedule's end (smoke runs use fewer)
-    n_bn = min(args.precise_bn, args.max_iters) if args.max_iters else args.precise_bn
+    n_bn = min(args.precise_bn, args.max_iters) if args.max_iters is not None else args.precise_bn
     torch.manual_seed(sample_seed(seed, iters, run.rank, 1))  # resize sizes in precise BN
     precise_bn(ddp, train_batches(batches(iters, iters + n_bn), device), n_bn, device)
     if run.main:
@@ -268,11 +314,12 @@ def train_one_run(args, run, r, out, train_set):
 
 def score_run(args, run, r, out, model, test_set):
     metrics = evaluate(model, test_set, run.device, masks=args.detector == "maskrcnn",
-                          desc=f"run {r} test")
+                       desc=f"run {r} test", groups=split_groups(test_set),
+                       max_dets=args.detections)
     if run.main:
         ctrain.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         run.print(f"run {r}: " + "  ".join(f"{t} AP {m['AP']} AP50 {m['AP50']} AP75 {m['AP75']}"
-                                           for t, m in metrics.items()))
+                                           for t, m in metrics.items() if "AP" in m))
         if args.vis:
             draw(model, test_set, out / "vis", args.vis, run.device)
     cdist.barrier()
@@ -281,14 +328,14 @@ def score_run(args, run, r, out, model, test_set):
 
 @torch.no_grad()
 def draw(model, test_set, folder, n, device, score=0.5):
-    """Predicted masks (score >= 0.5) in magenta over the ground truth in green."""
+    """Predicted outlines (score >= 0.5) over the ground truth, with a legend
+    (glands.draw_detections). RetinaNet: box outlines."""
     folder.mkdir(exist_ok=True)
     set_mode(model, False)
     for i in range(min(n, len(test_set))):
         image, target = test_set[i]
         o = ctrain.unwrap(model)([image.to(device).float().div_(255)])[0]
         rgb = image.permute(1, 2, 0).numpy()
-        rgb = glands.overlay(rgb, target["masks"].numpy().astype(bool), (0, 200, 0))
         keep = (o["scores"] >= score) & (o["labels"] == 1)  # RetinaNet also scores label 0
         if "masks" in o:
             pred = (o["masks"][keep, 0] > 0.5).cpu().numpy()
@@ -296,30 +343,49 @@ def draw(model, test_set, folder, n, device, score=0.5):
             pred = np.zeros((int(keep.sum()), *rgb.shape[:2]), bool)
             for j, (x0, y0, x1, y1) in enumerate(o["boxes"][keep].round().int().tolist()):
                 pred[j, y0:y1, x0:x1] = True
-        rgb = glands.overlay(rgb, pred, (230, 0, 230))
-        Image.fromarray(rgb).save(folder / f"{target.get('name', i)}.png")
+        picture = glands.draw_detections(rgb, target["masks"].numpy().astype(bool), pred,
+                                         o["boxes"][keep].tolist(), o["scores"][keep].tolist(),
+                                         score)
+        picture.save(folder / f"{target.get('name', i)}.png")
+
+
+def flat(metrics, prefix=()):
+    """{"bbox": {"AP": ..}, "testA": {"bbox": {..}}} -> {(t, k) or (group, t, k): value}."""
+    out = {}
+    for k, v in metrics.items():
+        out.update(flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
+    return out
 
 
 def summarise(args, run, all_metrics):
-    """Mean and std over runs: metrics.json (means), summary.json, results.md (a table row)."""
+    """Mean and std over runs: metrics.json (means), summary.json, results.md (a table: the
+    whole test set first, the paper's headline; then GlaS Test A and Test B alone)."""
     summary = {"runs": len(all_metrics), "pretrained": args.pretrained, "detector": args.detector,
                "arch": args.arch, "data": args.data, "schedule": args.schedule, "per_run": all_metrics}
-    means = {}
-    for t in all_metrics[0]:
-        means[t] = {}
-        for k in all_metrics[0][t]:
-            m, sd = mean_std([mt[t][k] for mt in all_metrics])
-            means[t][k] = m
-            summary.setdefault("mean", {}).setdefault(t, {})[k] = m
-            summary.setdefault("std", {}).setdefault(t, {})[k] = sd
-    cols = [(t, k) for t in means for k in ("AP", "AP50", "AP75")]
-    row = (f"| {Path(args.pretrained).parent.name or args.pretrained} | {args.detector} "
-           f"{args.arch} | {args.schedule if not args.max_iters else f'{args.max_iters} it'} | "
-           + " | ".join(f"{summary['mean'][t][k]} ± {summary['std'][t][k]}" for t, k in cols) + " |")
-    header = ("| pre-training | detector | schedule | "
+    means, stds = {}, {}
+    for key in flat(all_metrics[0]):
+        m, sd = mean_std([flat(mt)[key] for mt in all_metrics])
+        *path, last = key
+        for tree, v in ((means, m), (stds, sd)):
+            for part in path:
+                tree = tree.setdefault(part, {})
+            tree[last] = v
+    summary["mean"], summary["std"] = means, stds
+    types = [t for t in all_metrics[0] if "AP" in all_metrics[0][t]]
+    cols = [(t, k) for t in types for k in ("AP", "AP50", "AP75")]
+    groups = [g for g in all_metrics[0] if g not in types]
+    name = Path(args.pretrained).parent.name or args.pretrained
+    sched = args.schedule if args.max_iters is None else f"{args.max_iters} it"
+    header = ("| pre-training | detector | schedule | test | "
               + " | ".join(f"{k}{'bb' if t == 'bbox' else 'mk'}" for t, k in cols) + " |\n"
-              + "|---" * (3 + len(cols)) + "|\n")
-    summary["markdown"] = header + row
+              + "|---" * (4 + len(cols)) + "|\n")
+    rows = []
+    for g in [None, *groups]:
+        m, sd = (means, stds) if g is None else (means[g], stds[g])
+        test = ("A+B" if groups else "test") if g is None else g
+        rows.append(f"| {name} | {args.detector} {args.arch} | {sched} | {test} | "
+                    + " | ".join(f"{m[t][k]} ± {sd[t][k]}" for t, k in cols) + " |")
+    summary["markdown"] = header + "\n".join(rows)
     out = Path(args.output_dir)
     ctrain.atomic_write_text(out / "metrics.json", json.dumps(means, indent=2))
     ctrain.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -340,8 +406,6 @@ def main():
         raise DataError(f"--train-sizes {lo} {hi}: need 0 < LO <= HI")
     args.train_sizes = list(range(lo, hi + 1))  # Detectron2 "range": every integer equally likely
     iters, steps, warmup = schedule(args)
-    if args.runs < 1:
-        raise DataError("--runs must be at least 1")
 
     train_set = glands.build_gland_dataset(args.data, args.data_root, "train", True, args.seed,
                                            args.demo_size)
@@ -377,9 +441,7 @@ def main():
         if args.eval_only:
             if not (out / "model_final.pth").exists():
                 raise DataError(f"--eval-only: {out / 'model_final.pth'} does not exist")
-            model, _ = build_detector(args.detector, args.arch, args.train_sizes, args.img_size,
-                                      args.max_size, args.rois_per_image, args.proposals,
-                                      args.detections)
+            model, _ = make_detector(args)
             model.load_state_dict(torch.load(out / "model_final.pth", map_location="cpu"))
             model = model.to(run.device)
         else:

@@ -10,17 +10,32 @@ Detectron2 -> torchvision, as ConCL's `benchmarks/detection/configs/{GlaS,CRAG}/
 - RGB input, ImageNet mean/std, torchvision-style strides ("_moco" configs: STRIDE_IN_1X1 False).
 - MIN_SIZE_TRAIN (lo, hi) sampled as a "range" (each integer equally likely, per image),
   MIN_SIZE_TEST, MAX_SIZE 1333; horizontal flip (common.glands, per (seed, pass, image)).
+- Resize as Detectron2's ResizeShortestEdge: output size rounded (torchvision floors), image
+  bilinear WITH antialiasing (Detectron2 resizes uint8 images with PIL, whose bilinear filter
+  widens when shrinking; torchvision's interpolate without antialias differs from PIL by 2.8 grey
+  levels on average at CRAG's x0.51, with it by about 0.3), masks nearest (`D2Transform`).
+- Heads initialised as Detectron2 (`d2_init`): box head FCs c2_xavier_fill (kaiming_uniform a=1,
+  bias 0; torchvision: nn.Linear's default), class scores normal std 0.01, box deltas normal std
+  0.001 (torchvision: nn.Linear's default), mask head convs and deconv c2_msra_fill, mask logits
+  normal std 0.001 (torchvision: kaiming fan_out), every bias 0. RPN head (normal 0.01), FPN
+  (kaiming_uniform a=1) and RetinaNet's heads (normal 0.01, prior 0.01) already match.
 - RPN: 2000 pre-NMS / 1000 post-NMS proposals per image in training (torchvision's default 2000
-  post-NMS is Detectron1's per-batch number), 1000 / 1000 at test; anchors 32..512, ratios 0.5-2.
+  post-NMS is Detectron1's per-batch number), 1000 / 1000 at test; anchors 32..512 (one size per
+  level P2-P6; RetinaNet three per octave on P3-P7), ratios 0.5-2; `anchor_sizes` scales them
+  (nuclei: 8..128).
 - 100 detections per image, score threshold 0.05, NMS 0.5 (RetinaNet too: torchvision's 300
-  would change AP against the paper's numbers).
+  would change AP against the paper's numbers). COCO AP counts at most max(100, detections)
+  detections per image, as Detectron2's COCOEvaluator with TEST.DETECTIONS_PER_IMAGE > 100.
 - TEST.PRECISE_BN enabled: BN statistics recomputed over 200 training batches before testing.
 
-Kept from torchvision, unlike Detectron2 (small effects on AP, noted for anyone comparing numbers
-to the paper's): RoIAlign with aligned=False and sampling ratio 2 (Detectron2: ROIAlignV2,
-aligned=True, adaptive sampling), smooth-L1 box losses with beta 1/9 in RPN and box head
-(Detectron2: L1, beta 0), and a two-class RetinaNet head whose background class is never a
-target (Detectron2: one class); its label-0 detections are dropped before scoring.
+Still different from Detectron2 (small effects on AP, noted for anyone comparing numbers to the
+paper's): RoIAlign with aligned=False and sampling ratio 2 (Detectron2: ROIAlignV2, aligned=True,
+adaptive sampling); smooth-L1 box losses with beta 1/9 in RPN and box head (Detectron2: L1,
+beta 0); a two-class RetinaNet head whose background class is never a target (Detectron2: one
+class), its label-0 detections dropped before scoring; the image normalised before resizing
+(Detectron2 resizes uint8 and rounds, then normalises: at most half a grey level apart); masks
+pasted into the image by torchvision's paste_masks_in_image (28 x 28 padded by one cell, then
+bilinear per box; Detectron2: grid_sample over the box), both thresholded at 0.5.
 """
 import contextlib
 import io
@@ -32,8 +47,11 @@ import torch
 import torch.nn as nn
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from tqdm import tqdm
 
@@ -45,32 +63,93 @@ from common.train import unwrap
 DETECTORS = ("maskrcnn", "retinanet")
 
 
+D2_ANCHORS = (32, 64, 128, 256, 512)  # Detectron2's ANCHOR_GENERATOR.SIZES, one per level
+
+
 def build_detector(kind, arch, train_sizes, test_size, max_size=1333, rois_per_image=512,
-                   proposals=1000, detections=100):
-    """-> (detector, its ResNet body). One foreground class (gland): label 1.
+                   proposals=1000, detections=100, anchor_sizes=D2_ANCHORS):
+    """-> (detector, its ResNet body). One foreground class (gland, nucleus): label 1.
 
     rois_per_image (ROI_HEADS.BATCH_SIZE_PER_IMAGE), proposals (RPN post-NMS top-k, training and
     test) and detections (TEST.DETECTIONS_PER_IMAGE) are Detectron2's defaults; the heads' cost
-    grows with them (the 4-conv mask head on every positive RoI dominates a CPU step)."""
+    grows with them (the 4-conv mask head on every positive RoI dominates a CPU step).
+    anchor_sizes: one base size per pyramid level (Mask R-CNN P2-P6; RetinaNet P3-P7, each with
+    x2^(1/3) and x2^(2/3) as Detectron2's RetinaNet)."""
     body = resnet(arch)
     c5 = body.feature_dim  # 512 (R18) or 2048 (R50)
     common = dict(min_size=tuple(train_sizes), max_size=max_size, image_mean=IMAGENET_MEAN,
                   image_std=IMAGENET_STD)
+    ratios = ((0.5, 1.0, 2.0),) * len(anchor_sizes)
     if kind == "maskrcnn":
         fpn = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
                               [c5 // 8, c5 // 4, c5 // 2, c5], 256, norm_layer=nn.BatchNorm2d)
         model = MaskRCNN(fpn, num_classes=2, rpn_post_nms_top_n_train=proposals,
                          rpn_post_nms_top_n_test=proposals, box_batch_size_per_image=rois_per_image,
-                         box_detections_per_img=detections, **common)
+                         box_detections_per_img=detections,
+                         rpn_anchor_generator=AnchorGenerator(tuple((a,) for a in anchor_sizes),
+                                                              ratios), **common)
     elif kind == "retinanet":  # Detectron2's RetinaNet: P3-P5 from C3-C5, P6/P7 from C5
         fpn = BackboneWithFPN(body, {f"layer{i}": str(i - 2) for i in range(2, 5)},
                               [c5 // 4, c5 // 2, c5], 256, extra_blocks=LastLevelP6P7(c5, 256),
                               norm_layer=nn.BatchNorm2d)
-        model = RetinaNet(fpn, num_classes=2, detections_per_img=detections, **common)
+        sizes = tuple((a, int(a * 2 ** (1 / 3)), int(a * 2 ** (2 / 3))) for a in anchor_sizes)
+        model = RetinaNet(fpn, num_classes=2, detections_per_img=detections,
+                          anchor_generator=AnchorGenerator(sizes, ratios), **common)
     else:
         raise ValueError(f"--detector {kind!r}: choose from {', '.join(DETECTORS)}")
+    model.transform = D2Transform(**common)
+    d2_init(model)
     model.train_sizes, model.test_size = tuple(train_sizes), test_size
     return model, fpn.body
+
+
+def d2_resize(image, short, max_size, target=None):
+    """Detectron2's ResizeShortestEdge on a (C, H, W) float image: shortest edge to `short`,
+    longest capped at max_size, sizes rounded; bilinear with antialiasing (PIL's filter, which
+    Detectron2 uses on uint8 images), masks nearest, boxes scaled with the image."""
+    h, w = image.shape[-2:]
+    scale = short / min(h, w)
+    if max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
+                        antialias=True)[0]
+    if target is not None:
+        if "masks" in target:
+            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
+    return out, target
+
+
+class D2Transform(GeneralizedRCNNTransform):
+    """torchvision's normalise-resize-batch with Detectron2's resize (see d2_resize). The
+    training size is drawn as torchvision draws it (torch's RNG, seeded per step)."""
+
+    def resize(self, image, target=None):
+        short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        return d2_resize(image, short, self.max_size, target)
+
+
+def d2_init(model):
+    """Detectron2's initialisation of the RoI heads (module docstring); RPN, FPN and RetinaNet's
+    heads are initialised as Detectron2 by torchvision already."""
+    heads = getattr(model, "roi_heads", None)
+    if heads is None:  # RetinaNet
+        return
+    for fc in (heads.box_head.fc6, heads.box_head.fc7):  # c2_xavier_fill
+        nn.init.kaiming_uniform_(fc.weight, a=1)
+        nn.init.zeros_(fc.bias)
+    pred = heads.box_predictor
+    for layer, std in ((pred.cls_score, 0.01), (pred.bbox_pred, 0.001)):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    convs = [m for m in heads.mask_head.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs + [heads.mask_predictor.conv5_mask]:  # c2_msra_fill
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+    nn.init.normal_(heads.mask_predictor.mask_fcn_logits.weight, std=0.001)
+    nn.init.zeros_(heads.mask_predictor.mask_fcn_logits.bias)
 
 
 def set_mode(model, train):
@@ -190,13 +269,15 @@ def _xywh(b):
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def coco_metrics(gts, preds, iou_types=("bbox", "segm")):
+def coco_metrics(gts, preds, iou_types=("bbox", "segm"), max_dets=100):
     """COCO AP family in percent for each iou type, from gt_record / pred_record lists.
 
     Areas for the S/M/L split are mask areas for both ground truth and detections in `segm`, as
     COCO and Detectron2 (a segm detection must not carry its box, or pycocotools takes the box
     area and files a thin mask under the wrong size). A metric with no ground truth
-    in its size range is None (COCO reports -1). No detections at all gives zeros.
+    in its size range is None (COCO reports -1). No detections at all gives zeros. At most
+    max(100, max_dets) detections per image count (COCO's 100 caps recall on images of
+    hundreds of nuclei; Detectron2 raises it with TEST.DETECTIONS_PER_IMAGE as well).
     """
     anns, images = [], []
     for g in gts:
@@ -225,6 +306,7 @@ def coco_metrics(gts, preds, iou_types=("bbox", "segm")):
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             ev = COCOeval(coco_gt, coco_gt.loadRes(dets), iou_type)
+            ev.params.maxDets = [1, 10, max(100, max_dets)]
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
@@ -234,8 +316,10 @@ def coco_metrics(gts, preds, iou_types=("bbox", "segm")):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, masks=True, desc="test"):
-    """COCO metrics of `model` on `dataset`: each rank runs its share, every rank scores all."""
+def evaluate(model, dataset, device, masks=True, desc="test", groups=None, max_dets=100):
+    """COCO metrics of `model` on `dataset`: each rank runs its share, every rank scores all.
+    groups: {name: [dataset indices]} also scored on their own, under metrics[name] (GlaS
+    testA, testB); the top level stays the whole test set."""
     set_mode(model, False)
     rank, world = cdist.get_rank(), cdist.get_world_size()
     gts, preds = [], []
@@ -250,7 +334,13 @@ def evaluate(model, dataset, device, masks=True, desc="test"):
         torch.distributed.all_gather_object(gathered, (gts, preds))
         gts = [g for part in gathered for g in part[0]]
         preds = [p for part in gathered for p in part[1]]
-    return coco_metrics(gts, preds, ("bbox", "segm") if masks else ("bbox",))
+    types = ("bbox", "segm") if masks else ("bbox",)
+    metrics = coco_metrics(gts, preds, types, max_dets)
+    for name, idx in (groups or {}).items():
+        keep = set(idx)
+        metrics[name] = coco_metrics([g for g in gts if g["image_id"] in keep],
+                                     [p for p in preds if p["image_id"] in keep], types, max_dets)
+    return metrics
 
 
 def mean_std(values):

@@ -1,4 +1,5 @@
-"""Gland instance segmentation data for the Mask R-CNN fine-tuner: GlaS, CRAG and generated glands.
+"""Instance segmentation data for the Mask R-CNN fine-tuner: GlaS, CRAG, generated glands, and any
+folder of images with instance label maps (nuclei, ...).
 
 - GlaS (MICCAI 2015, "Warwick-QU"): 165 H&E images of colorectal tissue, train 85, Test A 60,
   Test B 20; "test" here is Test A + Test B (80 images: 37 benign + 43 malignant, as the ConCL
@@ -9,6 +10,10 @@
   `CRAG/{train,valid|test}/{Images,Annotation|Annotations}/<stem>.png`, given as `CRAG/`,
   `CRAG_v2/` (holding `CRAG/`) or the parent of either; image and label map pair by file stem.
 - demo: `demo_glands` draws H&E-like fields of 2-8 glands with their instance map, no download.
+- instances (your own data): `DIR/train/` and `DIR/test/` (or `val/`), each with `images/` and
+  `masks/`; every image has a label map of the same stem in masks/ (PNG 8/16-bit, TIFF or
+  `.npy`). `python -m common.glands convert-cpm --src DIR --out DIR` writes CPM-15/17's
+  images + ASCII `*_mask.txt` in that layout.
 
 Annotations are integer label maps, 0 = background, each other value one gland. A value whose
 pixels fall into several disconnected pieces stays ONE instance (one mask, one box around all
@@ -49,16 +54,26 @@ def _natural(s):
 # Label maps -> instances
 
 def read_label_map(path):
-    """(H, W) integer instance map; palette images give their indices, 16-bit stays 16-bit.
+    """(H, W) integer instance map; palette images give their indices, 16-bit stays 16-bit,
+    `.npy` arrays are taken as they are (floats only when they hold whole numbers).
     3-channel files (some GlaS `_anno.bmp` copies) give channel 0 when it tells every colour apart
     (grey stored as RGB, or ids in channel 0 beside other data); a colour-coded instance map whose
     glands share a red value gives the colour itself as the id (black = background), so two
     glands differing only in green or blue stay two glands."""
     try:
-        with Image.open(path) as im:
-            a = np.array(im)  # 'P' -> indices, 'I;16' -> uint16: no convert(), it would remap
+        if Path(path).suffix.lower() == ".npy":
+            a = np.load(path, allow_pickle=False)
+            if a.dtype.kind == "f" and not (np.isfinite(a).all() and (a == np.round(a)).all()):
+                raise DataError(f"label map {path} holds fractions: need integer instance ids")
+        else:
+            with Image.open(path) as im:
+                a = np.array(im)  # 'P' -> indices, 'I;16' -> uint16: no convert(), it would remap
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"unreadable label map {path}: {type(e).__name__}") from None
+    if a.ndim not in (2, 3):
+        raise DataError(f"label map {path} has shape {a.shape}: need (H, W)")
     if a.ndim == 3 and a.shape[2] < 3:  # grey + alpha
         a = a[..., 0]
     if a.ndim == 3:
@@ -67,8 +82,8 @@ def read_label_map(path):
         a = a[..., 0]
         if len(np.unique((a << 24) | colour)) > len(np.unique(a)):  # channel 0 merges colours
             a = colour
-    if a.dtype.kind not in "iu":  # '1' (bool) or 'F' (float) images
-        a = a.astype(np.int32)
+    if a.dtype.kind not in "iu":  # '1' (bool) or 'F' (float) images, float .npy
+        a = a.astype(np.int64)
     return a
 
 
@@ -184,6 +199,78 @@ def crag_items(root, split, require_annotations=True):
     return items
 
 
+MASK_EXTS = (".png", ".tif", ".tiff", ".npy")
+
+
+def instance_items(root, split, require_annotations=True):
+    """[{"name", "image", "anno", "grade": None}] of `root`/train or `root`/test (else val), each
+    holding images/ and masks/ with one label map of the image's stem per image."""
+    if split not in ("train", "test"):
+        raise DataError(f"instances split {split!r}: use train or test")
+    root = _check_root(root, "instances")
+    names = ("train",) if split == "train" else ("test", "val")
+    split_dir = next((root / s for s in names if (root / s / "images").is_dir()), None)
+    if split_dir is None:
+        raise DataError(f"no {' or '.join(s + '/images' for s in names)} in {root}: expected "
+                        f"train/images, train/masks, test/images (or val/) and test/masks")
+    images = sorted((p for p in (split_dir / "images").iterdir()
+                     if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
+                    key=lambda p: _natural(p.stem))
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in {split_dir / 'images'}")
+    mask_dir = split_dir / "masks"
+    masks = {} if not mask_dir.is_dir() else {
+        p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in MASK_EXTS}
+    items = []
+    for p in images:
+        anno = masks.get(p.stem)
+        if anno is None and require_annotations:
+            raise DataError(f"{p} has no label map {p.stem}.png/.tif/.npy in {mask_dir}")
+        items.append({"name": p.stem, "image": p, "anno": anno, "grade": None})
+    return items
+
+
+def read_cpm_mask(path):
+    """CPM-15/17 ASCII label map: `width height`, then one id per pixel, x fastest."""
+    try:
+        tokens = Path(path).read_text().split()
+        w, h = int(tokens[0]), int(tokens[1])
+        a = np.array(tokens[2:], dtype=np.int64)
+    except (OSError, ValueError, IndexError) as e:
+        raise DataError(f"unreadable CPM mask {path}: {type(e).__name__}") from None
+    if a.size != w * h:
+        raise DataError(f"CPM mask {path} says {w}x{h} but holds {a.size} values")
+    return a.reshape(h, w)
+
+
+def convert_cpm(src, out, test=(), split="train"):
+    """CPM-15/17 (`imageXX.png` + `imageXX_mask.txt` in one folder) -> the instances layout:
+    out/<split>/images/<stem>.png (RGB) and out/<split>/masks/<stem>.png (16-bit ids); the
+    stems in `test` go to out/test/ instead. Returns {split: number of images}."""
+    src = _check_root(src, "CPM")
+    masks = sorted(src.glob("*_mask.txt"), key=lambda p: _natural(p.name))
+    if not masks:
+        raise DataError(f"no *_mask.txt files in {src} (the CPM layout: imageXX.png + "
+                        f"imageXX_mask.txt)")
+    counts = {}
+    for m in masks:
+        stem = m.name[:-len("_mask.txt")]
+        image = next((src / (stem + e) for e in IMAGE_EXTS if (src / (stem + e)).is_file()), None)
+        if image is None:
+            raise DataError(f"{m} has no image {stem}.png (or .tif, .jpg) beside it")
+        label, rgb = read_cpm_mask(m), read_rgb(image)
+        _check_size(m, image, label.shape, rgb.size)
+        if label.max() >= 2**16:
+            raise DataError(f"{m}: ids up to {label.max()} do not fit a 16-bit PNG")
+        part = "test" if stem in test else split
+        for sub in ("images", "masks"):
+            (Path(out) / part / sub).mkdir(parents=True, exist_ok=True)
+        rgb.save(Path(out) / part / "images" / f"{stem}.png")
+        Image.fromarray(label.astype(np.uint16)).save(Path(out) / part / "masks" / f"{stem}.png")
+        counts[part] = counts.get(part, 0) + 1
+    return counts
+
+
 def _check_size(anno, image, label_shape, image_size):
     if tuple(label_shape) != (image_size[1], image_size[0]):
         raise DataError(f"annotation {anno} is {label_shape[1]}x{label_shape[0]} but its image "
@@ -217,7 +304,8 @@ class GlandDataset(torch.utils.data.Dataset):
                   f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
         self.items = [it for it, g in zip(items, has) if g or not train]
         if train and not self.items:
-            raise DataError(f"none of the {len(items)} training images has a gland")
+            raise DataError(f"none of the {len(items)} training images has a gland or any "
+                            f"other instance (every label map is all 0 = background)")
 
     def _has_glands(self, it):
         if "demo" in it:
@@ -354,16 +442,17 @@ def demo_items(n, seed=0, size=256, train=True):
 
 
 def build_gland_dataset(data, root, split, train, seed=0, demo_size=64):
-    """GlandDataset for --data glas | crag | demo. Demo: demo_size training fields, a quarter as
-    many (16 at the default) test fields of 256 px."""
+    """GlandDataset for --data glas | crag | demo | instances. Demo: demo_size training fields, a
+    quarter as many (16 at the default) test fields of 256 px."""
     if data == "demo":
         n = demo_size if split == "train" else max(1, demo_size // 4)
         return GlandDataset(demo_items(n, seed, 256, train=split == "train"), train, seed)
-    if data not in ("glas", "crag"):
-        raise DataError(f"--data {data}: use glas, crag or demo")
+    finders = {"glas": glas_items, "crag": crag_items, "instances": instance_items}
+    if data not in finders:
+        raise DataError(f"--data {data}: use glas, crag, instances or demo")
     if not root:
         raise DataError(f"--data {data} needs --data-root PATH")
-    items = glas_items(root, split) if data == "glas" else crag_items(root, split)
+    items = finders[data](root, split)
     return GlandDataset(items, train, seed)
 
 
@@ -390,6 +479,32 @@ def overlay(image, masks, color=None, width=None):
     return out
 
 
+# Outline colours that stand out on H&E's pinks and purples (magenta did not): ground truth in
+# bright green, predictions in yellow.
+GT_COLOUR, PRED_COLOUR = (0, 230, 64), (255, 230, 0)
+
+
+def draw_detections(image, gt_masks, pred_masks, boxes, scores, threshold=0.5, width=None):
+    """PIL picture of uint8 (H, W, 3) `image`: ground-truth outlines in green, predicted ones in
+    yellow (2 px; 3 from 768 px up), each prediction's score beside it when there are few
+    enough to read (glands; a nuclei image gets the count only), and a legend in the corner."""
+    w = width or (2 if max(image.shape[:2]) < 768 else 3)
+    rgb = overlay(overlay(image, gt_masks, GT_COLOUR, w), pred_masks, PRED_COLOUR, w)
+    im = Image.fromarray(rgb)
+    d = ImageDraw.Draw(im)
+    if len(scores) <= 40:
+        for (x0, y0, _, _), s in zip(boxes, scores):
+            d.text((x0 + 2, max(0, y0 - 11)), f"{s:.2f}", fill=PRED_COLOUR)
+    legend = [(f"ground truth ({len(gt_masks)})", GT_COLOUR),
+              (f"prediction, score >= {threshold} ({len(pred_masks)})", PRED_COLOUR)]
+    d.rectangle((0, 0, 12 + 6 * max(len(t) for t, _ in legend) + 24, 8 + 14 * len(legend)),
+                fill=(0, 0, 0))
+    for k, (text, c) in enumerate(legend):
+        d.rectangle((6, 6 + 14 * k, 18, 16 + 14 * k), outline=c, width=2)
+        d.text((24, 5 + 14 * k), text, fill=(255, 255, 255))
+    return im
+
+
 def contact_sheet(n=8, seed=0, size=256, cols=4):
     """Demo fields, instances outlined in colours, their number of glands underneath."""
     rows, cap = -(-n // cols), 16
@@ -405,12 +520,35 @@ def contact_sheet(n=8, seed=0, size=256, cols=4):
     return sheet
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Draw demo gland fields with their instances outlined.")
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert-cpm"]:
+        p = argparse.ArgumentParser(prog="python -m common.glands convert-cpm",
+                                    description="CPM-15/17 (imageXX.png + imageXX_mask.txt) -> "
+                                    "OUT/train/{images,masks}, OUT/test/{images,masks}")
+        p.add_argument("--src", required=True, help="folder of imageXX.png and imageXX_mask.txt")
+        p.add_argument("--out", required=True, help="instances layout for --data instances")
+        p.add_argument("--test", nargs="*", default=[], metavar="STEM",
+                       help="image stems for out/test/ (e.g. image14); the rest go to --split")
+        p.add_argument("--split", default="train", choices=("train", "test"),
+                       help="where the other images go (CPM-17 ships train/ and test/ folders: "
+                            "convert each with its own --split)")
+        a = p.parse_args(argv[1:])
+        counts = convert_cpm(a.src, a.out, set(a.test), a.split)
+        print(", ".join(f"{n} {k}" for k, n in counts.items()) + f" image(s) -> {a.out}")
+        return
+    p = argparse.ArgumentParser(description="Draw demo gland fields with their instances outlined "
+                                "(or: convert-cpm --src DIR --out DIR).")
     p.add_argument("--out", default="glands.png")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     contact_sheet(a.n, a.seed, a.size).save(a.out)
     print(a.out)
+
+
+if __name__ == "__main__":
+    from common.train import main_guard  # bad input: one line, exit code 2
+    main_guard(main)

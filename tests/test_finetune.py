@@ -1,10 +1,13 @@
 """finetune_maskrcnn.py end to end on demo glands: it learns, resumes exactly, evaluates the same
 on one and two processes, averages runs, and refuses bad input in one line."""
 import json
+import runpy
+import sys
 
+import pytest
 import torch
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 # Small and quick: 64 px fields, one image per step, a few iterations.
 TINY = ["--data", "demo", "--demo-size", "8", "--img-size", "64", "--batch-size", "1",
@@ -71,7 +74,8 @@ def test_runs_are_summarised_and_two_processes_train(tmp_path):
         ap = [m[t]["AP"] for m in per_run]
         assert abs(s["mean"][t]["AP"] - sum(ap) / 2) < 1e-3
         assert abs(s["std"][t]["AP"] - abs(ap[0] - ap[1]) / 2 ** 0.5) < 1e-3  # sample std
-    assert "| random | maskrcnn resnet18 |" in (tmp_path / "results.md").read_text()
+    assert "| random | maskrcnn resnet18 | 3 it | test |" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "args.json").read_text())["script"] == "finetune"
     # a rerun (one process, the same global batch) finds both runs done and only re-summarises
     p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
                    "--batch-size", "2", "--output-dir", tmp_path)
@@ -98,3 +102,33 @@ def test_bad_input_one_line(tmp_path):
         assert p.returncode == 2, p.stderr
         lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], p.stderr
+
+
+def test_bad_counts_refused_by_the_script(monkeypatch, capsys):
+    # The script itself (its __main__, in this process: no torch import per value) with each
+    # value that cannot be meant: one argparse line naming the flag, exit 2, nothing trained.
+    # --max-iters 0 used to run the whole schedule (0 read as "not set"), -1 a numpy traceback.
+    for argv in (["--max-iters", "0"], ["--max-iters", "-1"], ["--batch-size", "0"],
+                 ["--runs", "0"], ["--workers", "-1"], ["--precise-bn", "-1"],
+                 ["--img-size", "0"], ["--train-sizes", "0", "64"], ["--demo-size", "0"],
+                 ["--anchor-sizes", "8", "16", "0", "64", "128"], ["--detections", "0"],
+                 ["--lr", "0"], ["--momentum", "1.5"], ["--vis", "-1"], ["--ckpt-every", "0"]):
+        bad = next(v for v in argv[1:] if v in ("0", "-1", "1.5"))
+        monkeypatch.setattr(sys, "argv", ["finetune_maskrcnn.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(REPO / "finetune_maskrcnn.py"), run_name="__main__")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith(
+            f"finetune_maskrcnn.py: error: argument {argv[0]}: expected ") \
+            and err[-1].endswith(f"got '{bad}'") and err[0].startswith("usage:"), (argv, err)
+
+
+def test_a_pre_training_folder_is_refused(tmp_path):
+    # a folder a moco.py run made (its args.json names the script) is not the fine-tuner's
+    (tmp_path / "args.json").write_text(json.dumps({"script": "moco", "arch": "resnet18"}))
+    (tmp_path / "backbone.pth").write_bytes(b"weights")
+    p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "1", "--output-dir", tmp_path,
+                   check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: {tmp_path} holds a moco run; choose another --output-dir"], p.stderr
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["args.json", "backbone.pth"]
