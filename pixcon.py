@@ -158,17 +158,14 @@ def sr_weights(sim, overlap, power=2.0, eps=1e-6):
 # ----------------------------------------------------------------------------- the model
 class Neck(nn.Module):
     """DenseCL's neck with BN (MoCo-v2+): global avgpool -> 512-512-BN-ReLU-128 and dense 1x1
-    conv 512-512-BN-ReLU-128 over the C5 grid; Kaiming init as OpenSelfSup's necks."""
+    conv 512-512-BN-ReLU-128 over the C5 grid. Init as OpenSelfSup's DenseCL neck: Kaiming
+    Linear layers (byol.mlp), PyTorch's default for the convolutions (see densecl.DenseHead)."""
 
     def __init__(self, in_dim, hidden, dim):
         super().__init__()
         self.glob = byol.mlp(in_dim, hidden, dim, "kaiming")
         self.dense = nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.BatchNorm2d(hidden),
                                    nn.ReLU(inplace=True), nn.Conv2d(hidden, dim, 1))
-        for m in self.dense.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
 
     def forward(self, c5):
         return self.glob(c5.mean((2, 3))), self.dense(c5).flatten(2)  # (N, D), (N, D, S)
@@ -176,10 +173,10 @@ class Neck(nn.Module):
 
 class PixCon(nn.Module):
     def __init__(self, arch="resnet18", hidden_dim=512, dim=128, K=16384, T=0.2, lam=0.5,
-                 match="sr", power=2.0):
+                 match="sr", power=2.0, init="openselfsup"):
         super().__init__()
         self.K, self.T, self.lam, self.match, self.power = K, T, lam, match, power
-        backbone = resnet(arch)
+        backbone = resnet(arch, init)
         self.online = nn.Sequential(backbone, Neck(backbone.feature_dim, hidden_dim, dim))
         self.pred_g = byol.mlp(dim, hidden_dim, dim, "normal")   # global predictor
         self.pred_d = byol.mlp(dim, hidden_dim, dim, "normal")   # per pixel, BN over N x S pixels
@@ -316,9 +313,9 @@ def get_args(argv=None):
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding width")
     g.add_argument("--sr-power", type=cli.positive_float, default=2.0,
                    help="--match sr: power of the weights (the released config)")
-    g.add_argument("--blur-kernel", type=cli.nonneg_int, default=23,
-                   help="Gaussian blur kernel as the released (albumentations) pipeline; 0 = PIL "
-                        "GaussianBlur(radius=sigma) as byol.py's NCT default, ~5x cheaper on CPU")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=23,
+                   help="Gaussian blur kernel size (sigma 0.1-2), as the released pipeline; "
+                        "small kernels are cheaper on the CPU")
     p.set_defaults(resume_keys=("match", "queue_size", "dim", "hidden_dim", "loss_lambda",
                                 "sr_power"))
     return p.parse_args(argv)
@@ -337,7 +334,7 @@ def main():
     loader, sampler = cdata.pretrain_loader(dataset, args.batch_size, args.workers, args.seed,
                                             run.device)
     model = PixCon(args.arch, args.hidden_dim, args.dim, args.queue_size, args.temperature,
-                   args.loss_lambda, args.match, args.sr_power)
+                   args.loss_lambda, args.match, args.sr_power, args.init)
     model = run.sync_bn(model).to(run.device)  # SyncBN everywhere, as the released config
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=args.scaled_lr, momentum=0.9, weight_decay=args.weight_decay)

@@ -38,6 +38,7 @@ import concl  # noqa: E402
 import densecl  # noqa: E402
 import mcl  # noqa: E402
 import moco  # noqa: E402
+import pcl  # noqa: E402
 import simclr  # noqa: E402
 from common import data as cdata  # noqa: E402
 from common import train as ctrain  # noqa: E402
@@ -240,6 +241,88 @@ METHODS = {"moco_v2": moco_entry("v2"), "moco_v1": moco_entry("v1"),
            "concl_kmeans": concl_entry("kmeans"), "mcl": mcl_entry()}
 
 
+# ----------------------------------------------------------------------------- PCL v2
+PCL_NCT = (100_000, (20000, 35000, 50000))  # NCT-CRC-HE-100K tiles, ConCL's granularities
+
+
+def pcl_args(a, ks):
+    return argparse.Namespace(arch=a.arch, dim=128, queue_size=a.queue, moco_m=0.999,
+                              temperature=0.2, bn_splits=bn_splits(a), pcl_r=min(16384, a.queue),
+                              num_clusters=list(ks))
+
+
+def pcl_build(a, device):
+    """A clustered epoch's step: MoCo v2 plus ProtoNCE at the three NCT granularities, here
+    against random prototypes (the step's work does not depend on what the E-step found)."""
+    n, ks = PCL_NCT
+    model = pcl.PCL(pcl_args(a, ks), n)
+    g = torch.Generator().manual_seed(0)
+    for c, k in zip(model.clusters, ks):
+        c.im2cluster.copy_(torch.randint(k, (n,), generator=g))
+        c.prototypes.copy_(F.normalize(torch.randn(k, 128, generator=g), dim=1))
+        c.phi.fill_(0.2)
+    model = prepare(model, device)
+    xq, xk = images(a, device), images(a, device)
+    index = torch.randint(n, (a.batch_size,), generator=g).to(device)
+    return train_step(model, sgd(model.parameters()), lambda: model(xq, xk, index), a, device)
+
+
+METHODS["pcl"] = (pcl_build, lambda a, device: bound(a, device, 1, 1))
+
+
+def kmeans_flops(n, ks, dim=128, iters=20, redo=5):
+    """FLOPs (2 x multiply-adds) of the E-step's k-means: per restart the D^2 seeding (about one
+    assignment pass), `iters` Lloyd assignments and the final one, 2 N k D each; the centroid
+    updates (N D) and phi (N) are negligible."""
+    return sum(redo * (iters + 2) * 2 * n * k * dim for k in ks)
+
+
+def pcl_e_step(a, device, out):
+    """The E-step's cost per epoch at NCT scale: k-means (3 granularities, 20 iterations, best
+    of 5) timed at a reduced scale s (N s points, k s clusters: FLOPs scale by s^2) and
+    extrapolated by its FLOP count; the embedding pass as N eval forwards of the momentum encoder
+    at this run's batch and size. Model time only, as the step times (the E-step's loader reads
+    every tile once more: one centre crop each)."""
+    n, ks = PCL_NCT
+    s = 0.005 if a.quick else (1.0 if device.type == "cuda" else 0.03)
+    n_r, ks_r = int(n * s), [max(2, int(k * s)) for k in ks]
+    x = F.normalize(torch.randn(n_r, 128, device=device), dim=1)
+
+    def cluster():
+        for i, k in enumerate(ks_r):
+            _, labels, d2 = pcl.kmeans(x, k, seed=i)
+            pcl.concentration(d2.sqrt(), labels, k, 0.2)
+    t_km = time_it(cluster, device, 0 if a.quick else 1, 1)
+    flops_r, flops = kmeans_flops(n_r, ks_r), kmeans_flops(n, ks)
+    t_km_nct = t_km * flops / flops_r
+    enc = prepare(moco.MoCo(a.arch, "v2", K=a.queue, bn_splits=bn_splits(a)).encoder_k.eval(), device)
+    xi = images(a, device)
+
+    def embed():
+        with torch.no_grad(), autocast(a, device):
+            enc(xi)
+    t_embed_nct = time_it(embed, device, a.warmup, a.steps) / a.batch_size * n
+    res = {"scale": s, "kmeans_s_measured": t_km, "kmeans_tflop_measured": flops_r / 1e12,
+           "kmeans_tflop_nct": flops / 1e12, "kmeans_s_nct": t_km_nct, "embed_s_nct": t_embed_nct}
+    m = out["methods"]
+    print(f"\n# PCL v2 E-step per epoch at NCT scale ({n} x 128 embeddings, k = "
+          f"{' '.join(map(str, ks))}), k-means timed at scale {s} ({n_r} points, k = "
+          f"{' '.join(map(str, ks_r))}, {flops_r / 1e12:.3g} TFLOP) and extrapolated by FLOPs\n")
+    print("| E-step part | FLOPs at NCT scale | s per epoch at NCT scale |\n|---|---|---|")
+    print(f"| k-means + phi (20 iterations, best of 5, fp32) | {flops / 1e12:.0f} TFLOP | {t_km_nct:.1f} |")
+    print(f"| embedding {n} tiles ({a.img_size} px, eval forward, batch {a.batch_size}) | | "
+          f"{t_embed_nct:.1f} |")
+    if "pcl" in m and "moco_v2" in m:
+        moco_epoch = m["moco_v2"]["step_s"] / a.batch_size * n
+        pcl_epoch = m["pcl"]["step_s"] / a.batch_size * n + t_km_nct + t_embed_nct
+        res.update(moco_epoch_s=moco_epoch, pcl_epoch_s=pcl_epoch, pcl_vs_moco_epoch=pcl_epoch / moco_epoch,
+                   pcl_vs_moco_step=m["pcl"]["step_s"] / m["moco_v2"]["step_s"])
+        print(f"| clustered epoch: {n // a.batch_size} PCL steps + E-step, vs MoCo v2's epoch | | "
+              f"{pcl_epoch:.1f} vs {moco_epoch:.1f}: {pcl_epoch / moco_epoch:.2f}x (step alone "
+              f"{res['pcl_vs_moco_step']:.2f}x; paper, faiss on 8 GPUs: 137.0 / 59.6 s = 2.30x) |")
+    out["pcl_e_step"] = res
+
+
 def concl_split(a, device):
     """ms of b-ConCL's extra parts, each timed alone at the step's batch and size."""
     model = concl.ConCL(concl_args(a, "kmeans")).to(device)
@@ -405,6 +488,8 @@ def main():
         vs = f"{t / base:.2f}x" if base else "n/a"
         print(f"| {name} | {a.batch_size / t:.1f} | {t:.3f} | {tb:.3f} | {t / tb:.2f}x | {vs} | {mem} |")
     mcl_report(out)
+    if "pcl" in out["methods"]:
+        pcl_e_step(a, device, out)
 
     if "concl_kmeans" in out["methods"]:
         split = concl_split(a, device)
