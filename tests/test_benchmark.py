@@ -17,7 +17,8 @@ def test_step_time_runs_every_method(tmp_path):
     assert res["data"]["ours_ms"] > 0 and res["data"]["torchvision_ms"] > 0
     assert "| moco_v2 |" in p.stdout and "b-ConCL extra part" in p.stdout
     from tests.conftest import REPO
-    present = [m for m in ("simclr", "moco", "byol", "densecl", "detcon", "concl", "mcl", "pixcon")
+    present = [m for m in ("simclr", "moco", "byol", "densecl", "pcl", "detcon", "concl", "mcl",
+                           "pixcon")
                if (REPO / f"{m}.py").exists()]
     for m in present:  # a method file without a benchmark entry fails here
         assert any(name.startswith(m) for name in bench.METHODS), m
