@@ -38,6 +38,7 @@ import concl  # noqa: E402
 import densecl  # noqa: E402
 import mcl  # noqa: E402
 import moco  # noqa: E402
+import pixcon  # noqa: E402
 import pcl  # noqa: E402
 import simclr  # noqa: E402
 from common import data as cdata  # noqa: E402
@@ -232,13 +233,37 @@ def mcl_report(out):
         print(f"\n# MCL step / BYOL step: {out['mcl_vs_byol']:.3f}x (appendix accounting 1.3125x)")
 
 
+def pixcon_entry(match):
+    def build(a, device):
+        model = prepare(pixcon.PixCon(a.arch, K=a.queue, match=match), device)
+        x1, x2 = images(a, device), images(a, device)
+        g, B, S = torch.Generator().manual_seed(0), a.batch_size, a.img_size
+        boxes = []
+        for _ in range(2):  # crops of a 1.5 S tile that mostly overlap
+            lo = torch.randint(0, S // 2, (B, 2), generator=g).float()
+            boxes.append(torch.cat([lo, lo + torch.randint(S // 2, S, (B, 1), generator=g)
+                                    .float().expand(B, 2)], 1).to(device))
+        flips = [(torch.rand(B, generator=g) < 0.5).to(device) for _ in range(2)]
+        opt = sgd([p for p in model.parameters() if p.requires_grad])
+        step = train_step(model, opt, lambda: model(x1, x2, boxes, flips, 0), a, device)
+
+        def step_and_ema():
+            step()
+            model.momentum_update(0.99)  # after the optimiser step, as pixcon.train_one_epoch
+        return step_and_ema
+    # BYOL's work: both views through the online and the target network
+    return build, lambda a, device: bound(a, device, 2, 2)
+
+
 # name -> (build the method's step, build its backbone-only bound: online, target views)
 METHODS = {"moco_v2": moco_entry("v2"), "moco_v1": moco_entry("v1"),
            "simclr": (simclr_build, lambda a, device: bound(a, device, 2, 0)),
            "byol": (byol_build, lambda a, device: bound(a, device, 2, 2)),
            "densecl": (densecl_build, lambda a, device: bound(a, device, 1, 1)),
            "concl_grid": concl_entry("grid"), "concl_fh": concl_entry("fh"),
-           "concl_kmeans": concl_entry("kmeans"), "mcl": mcl_entry()}
+           "concl_kmeans": concl_entry("kmeans"), "mcl": mcl_entry(),
+           "pixcon_sim": pixcon_entry("sim"), "pixcon_coord": pixcon_entry("coord"),
+           "pixcon_sr": pixcon_entry("sr")}
 
 
 # ----------------------------------------------------------------------------- PCL v2
