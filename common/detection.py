@@ -269,6 +269,18 @@ def _xywh(b):
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def summarize(ev):
+    """COCOeval.summarize's six AP numbers, all at the last maxDets (pycocotools' own summarize
+    takes AP over IoU 0.50:0.95 at a hard-coded 100, which is -1 once maxDets is raised)."""
+    precision = ev.eval["precision"][..., -1]  # (IoU, recall, class, area) at maxDets[-1]
+    iou = list(np.round(ev.params.iouThrs, 2))
+    stats = []
+    for t, a in ((None, 0), (0.5, 0), (0.75, 0), (None, 1), (None, 2), (None, 3)):
+        p = precision[:, :, :, a] if t is None else precision[iou.index(t), :, :, a]
+        stats.append(p[p > -1].mean() if (p > -1).any() else -1)
+    return stats
+
+
 def coco_metrics(gts, preds, iou_types=("bbox", "segm"), max_dets=100):
     """COCO AP family in percent for each iou type, from gt_record / pred_record lists.
 
@@ -309,9 +321,8 @@ def coco_metrics(gts, preds, iou_types=("bbox", "segm"), max_dets=100):
             ev.params.maxDets = [1, 10, max(100, max_dets)]
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
         out[iou_type] = {k: (None if v < 0 else round(100 * float(v), 3))
-                         for k, v in zip(STAT_NAMES, ev.stats[:6])}
+                         for k, v in zip(STAT_NAMES, summarize(ev))}
     return out
 
 
