@@ -255,9 +255,7 @@ def main():
     print(f"{args.arch}: {load_report}")
     loaded = {k: v.clone() for k, v in backbone.state_dict().items()}
     backbone.to(device)
-    if not out.exists():
-        ctrain._new_run_folder = out  # main_guard removes it if a failed start leaves it empty
-    out.mkdir(parents=True, exist_ok=True)
+    ctrain.make_run_folder(out)  # removed again by main_guard if the start fails
 
     key, cache = cache_key(args, train_set, test_set), out / "features.pt"
     try:

@@ -42,8 +42,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default in (None, argparse.SUPPRESS, False) or not action.option_strings
-                or "default" in text.lower()):
+        if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or not action.option_strings or "default" in text.lower()):  # 0 is a default
             return text
         value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
             else action.default

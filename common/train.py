@@ -48,6 +48,16 @@ def claim_output_dir(out, script):
         raise cdata.DataError(f"{out} holds a {owner} run; choose another --output-dir")
 
 
+def make_run_folder(out):
+    """mkdir the run folder; if this call created it, a failed start removes it again
+    (main_guard), so no empty folder is left behind."""
+    global _new_run_folder
+    out = Path(out)
+    if not out.exists():
+        _new_run_folder = out
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def remove_if_empty(folder):
     """A failed start leaves no empty run folder behind (empty sub-folders such as a mask cache
     that was never filled go too)."""
@@ -118,11 +128,8 @@ class Run:
             torch.backends.cudnn.benchmark = True
         args.script = script
         claim_output_dir(self.out, script)
-        global _new_run_folder
         if self.main:
-            if not self.out.exists():
-                _new_run_folder = self.out  # removed again if the start fails (main_guard)
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_run_folder(self.out)
         self.stop_signal, self.steps_this_run, self.in_loop = None, 0, False
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
