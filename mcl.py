@@ -154,9 +154,11 @@ class Encoder(nn.Module):
 
 
 class MCL(nn.Module):
-    def __init__(self, arch="resnet18", levels=3, hidden_dim=2048, dim=256, T=1.0):
+    def __init__(self, arch="resnet18", levels=3, hidden_dim=2048, dim=256, T=1.0,
+                 target_montages=True):
         super().__init__()
         self.levels, self.T, self.weights = levels, T, level_weights(levels)
+        self.target_montages = target_montages
         self.online = Encoder(arch, levels, hidden_dim, dim)
         self.predictors = nn.ModuleList(mlp(dim, hidden_dim, dim, "normal") for _ in range(levels))
         self.target = copy.deepcopy(self.online)  # backbone + FPN + head + projector
@@ -170,9 +172,10 @@ class MCL(nn.Module):
         B = labels_q[0].shape[0]
         counts = [n // 4 ** i for i, n in enumerate(slot_counts(B, self.levels))]
         e_q, e_k = self.online(x_q, counts), self.online(x_k, counts)   # one forward per branch
-        with torch.no_grad():  # the target sees the montages too (BN statistics, as released)
-            z_q, z_k = (cdist.concat_all_gather(F.normalize(self.target(x, counts, keep=1)[0].float(), dim=1))
-                        for x in (x_q, x_k))                                # (world * B, dim)
+        with torch.no_grad():  # released: the target sees the montages too (BN statistics)
+            rows = slice(None) if self.target_montages else slice(0, B)
+            z_q, z_k = (cdist.concat_all_gather(F.normalize(
+                self.target(x[rows], counts, keep=1)[0].float(), dim=1)) for x in (x_q, x_k))
         offset = cdist.get_rank() * B                                   # rank order of the gather
         loss, parts = 0.0, {}
         for i, w in enumerate(self.weights):
@@ -279,10 +282,15 @@ def get_args(argv=None):
                    help="floor of the per-step cosine, as the released config")
     g.add_argument("--clip-grad", type=cli.nonneg_float, default=500.0,
                    help="max global gradient norm, as the released config; 0 = off")
+    g.add_argument("--target-views", choices=["all", "level0"], default="all",
+                   help="what the EMA target forwards: all = the montages too, as released (they "
+                        "shape its BN statistics); level0 = only the B views it embeds, the "
+                        "appendix's accounting of 1.3125x for the online network alone")
     g.add_argument("--hidden-dim", type=cli.positive_int, default=2048,
                    help="projector and predictor hidden width (the appendix; D5)")
     g.add_argument("--dim", type=cli.positive_int, default=256, help="embedding width")
-    p.set_defaults(resume_keys=("levels", "montage_resize", "hidden_dim", "dim", "temperature"))
+    p.set_defaults(resume_keys=("levels", "montage_resize", "hidden_dim", "dim", "temperature",
+                                "target_views"))
     return p.parse_args(argv)
 
 
@@ -300,7 +308,8 @@ def main():
     loader, sampler = cdata.pretrain_loader(dataset, args.batch_size, args.workers, args.seed,
                                             run.device)
 
-    model = run.sync_bn(MCL(args.arch, S, args.hidden_dim, args.dim, args.temperature))
+    model = run.sync_bn(MCL(args.arch, S, args.hidden_dim, args.dim, args.temperature,
+                            target_montages=args.target_views == "all"))
     model = model.to(run.device)
     # LARS; 1-D parameters (biases, every BN) get no decay and no trust ratio (P11)
     optimizer = ctrain.LARS(ctrain.lars_param_groups(model, args.weight_decay), lr=args.scaled_lr,

@@ -170,6 +170,21 @@ def test_target_is_a_frozen_copy_without_predictors():
     torch.testing.assert_close(model.target.head[0].weight, model.online.head[0].weight)
 
 
+def test_target_sees_the_montages_unless_level0():
+    torch.manual_seed(4)
+    B, seen = 16, []
+    views = [torch.randn(B, 3, 32, 32) for _ in range(6)]
+    x_q, l_q = mcl.assemble(views[:3], 3)
+    x_k, l_k = mcl.assemble(views[3:], 3)
+    for montages in (True, False):
+        model = mcl.MCL(levels=3, hidden_dim=32, dim=16, target_montages=montages)
+        forward = model.target.forward
+        model.target.forward = lambda x, *a, **kw: seen.append(x.shape[0]) or forward(x, *a, **kw)
+        loss, parts = model(x_q, l_q, x_k, l_k)
+        assert torch.isfinite(loss) and set(parts) >= {"loss_l0", "acc_l2", "std"}
+    assert seen == [21, 21, 16, 16]  # per branch: B + B/4 + B/16 montages, or the B views
+
+
 # ----------------------------------------------------------------------------- loss wiring
 class IdEncoder(nn.Module):
     """Stand-in for mcl.Encoder: a sub-image's embedding is the one-hot of the image id written in
