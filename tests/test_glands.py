@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from common.data import DataError
-from common.glands import (PALETTE, GlandDataset, build_gland_dataset, collate, crag_items,
+from common.glands import (GT_COLOUR, PALETTE, PRED_COLOUR, GlandDataset, draw_detections, build_gland_dataset, collate, crag_items,
                            demo_glands, demo_items, glas_items, instances, overlay, read_grades,
                            read_label_map)
 from tests.conftest import run_script
@@ -318,6 +318,21 @@ def test_overlay_draws_outlines_only():
     out = overlay(image, np.stack([mask, other, np.zeros_like(mask)]))  # colours per instance
     assert out[5, 5].tolist() == list(PALETTE[0]) and out[0, 0].tolist() == list(PALETTE[1])
     assert out[1, 1].tolist() == [100, 100, 100]
+
+
+def test_detection_picture_outlines_and_legend():
+    # 2 px outlines in green (ground truth) and yellow (prediction): neither is magenta, both far
+    # from H&E's pinks and purples; a black legend box at the top left names them.
+    image = np.full((120, 160, 3), (230, 160, 200), np.uint8)  # eosin pink
+    gt, pred = np.zeros((1, 120, 160), bool), np.zeros((1, 120, 160), bool)
+    gt[0, 60:100, 20:60], pred[0, 62:102, 90:130] = True, True
+    out = np.asarray(draw_detections(image, gt, pred, [[90, 62, 130, 102]], [0.87]))
+    assert (out[60:100, 20:60] == GT_COLOUR).all(2).sum() == 40 * 40 - 36 * 36  # 2 px ring
+    assert (out[62:102, 90:130] == PRED_COLOUR).all(2).sum() >= 40 * 40 - 36 * 36
+    assert (out[70:90, 30:50] == image[0, 0]).all()  # inside left alone
+    assert (out[0:2, 0:100] == 0).all() and (out[:36, :36] == PRED_COLOUR).all(2).any()
+    text = out[45:62, 90:130].astype(int)  # the score above the prediction (antialiased text)
+    assert ((text[..., 0] > 200) & (text[..., 1] > 180) & (text[..., 2] < 120)).any()
 
 
 def test_contact_sheet_command(tmp_path):
