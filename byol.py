@@ -18,12 +18,12 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 from PIL import Image
 
 from common import cli
 from common import data as cdata
 from common import train as ctrain
+from common.augment import Photometric
 from common.models import convert_split_bn, resnet
 
 
@@ -31,12 +31,10 @@ from common.models import convert_split_bn, resnet
 def augmentation(size, blur_p, solarize_p, blur_kernel=None):
     """methods.md 3.1, the NCT config's pipeline: bicubic crop of 8-100% of the area, flip,
     jitter (0.4, 0.4, 0.2, 0.1) in random order (torchvision, as the official code), grey;
-    blur and solarise with the view's p."""
-    photometric = T.Compose([
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([cdata.GaussianBlur(sigma=(0.1, 2.0), kernel=blur_kernel)], p=blur_p),
-        T.RandomApply([cdata.Solarize(128)], p=solarize_p)])
+    blur and solarise with the view's p (in the loader, or on the device: common.augment)."""
+    photometric = Photometric(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grey_p=0.2,
+                              blur_p=blur_p, blur_sigma=(0.1, 2.0), blur_kernel=blur_kernel,
+                              solarize_p=solarize_p, solarize_threshold=128)
     return cdata.View(size, scale=(0.08, 1.0), flip_p=0.5, photometric=photometric,
                       interpolation=Image.BICUBIC)
 

@@ -19,25 +19,25 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 
 from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
+from common.augment import Photometric
 from common.models import convert_split_bn, resnet
 
 
 # ----------------------------------------------------------------------------- augmentations
 def augmentation(version, size, blur_kernel=None):
-    """methods.md 2.1. v1: grey *before* an always-on jitter with hue 0.4; v2: SimCLR-style."""
+    """methods.md 2.1. v1: grey *before* an always-on jitter with hue 0.4; v2: SimCLR-style.
+    The photometric ops run in the loader or, with --device-aug, on the device (common.augment)."""
     if version == "v1":
-        photometric = T.Compose([T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4)])
+        photometric = Photometric(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grey_p=0.2,
+                                  grey_first=True)
     else:
-        photometric = T.Compose([
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([cdata.GaussianBlur(sigma=(0.1, 2.0), kernel=blur_kernel)], p=0.5)])
+        photometric = Photometric(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2,
+                                  blur_p=0.5, blur_sigma=(0.1, 2.0), blur_kernel=blur_kernel)
     return cdata.View(size, scale=(0.2, 1.0), flip_p=0.5, photometric=photometric)
 
 

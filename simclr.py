@@ -26,6 +26,7 @@ from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
+from common.augment import Photometric
 from common.models import resnet
 
 
@@ -41,14 +42,14 @@ class RandomRot90:
 def augmentation(kind, size, blur_kernel=None):
     """methods.md 1.1 (`simclr`, the NCT config) or Ciga et al.'s `histo`: crops down to 1% of
     the area, 90-degree rotations, both flips, medium jitter, blur; no grey. SimCLR needs no
-    crop boxes, so the rotation and vertical flip run after the view's geometry."""
-    blur = T.RandomApply([cdata.GaussianBlur((0.1, 2.0), blur_kernel)], p=0.5)
-    jitter = T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8)
+    crop boxes, so the rotation and vertical flip run after the view's geometry (in the loader,
+    before the photometric ops, which run there or with --device-aug on the device)."""
+    ops = dict(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, blur_p=0.5, blur_sigma=(0.1, 2.0),
+               blur_kernel=blur_kernel)
     if kind == "histo":  # the paper gives no jitter probability: SimCLR's 0.8
-        photometric = T.Compose([RandomRot90(), T.RandomVerticalFlip(0.5), jitter, blur])
-        return cdata.View(size, scale=(0.01, 1.0), photometric=photometric)
-    photometric = T.Compose([jitter, T.RandomGrayscale(0.2), blur])
-    return cdata.View(size, scale=(0.08, 1.0), photometric=photometric)
+        return cdata.View(size, scale=(0.01, 1.0), photometric=Photometric(**ops),
+                          geometric=T.Compose([RandomRot90(), T.RandomVerticalFlip(0.5)]))
+    return cdata.View(size, scale=(0.08, 1.0), photometric=Photometric(**ops, grey_p=0.2))
 
 
 # ----------------------------------------------------------------------------- the loss

@@ -267,7 +267,8 @@ class GaussianBlur:
         self.sigma, self.kernel = sigma, kernel
 
     def __call__(self, img):
-        s = float(torch.empty(1).uniform_(*self.sigma))
+        lo, hi = self.sigma  # a range of one value (common.augment: a drawn sigma) draws nothing
+        s = float(lo) if lo == hi else float(torch.empty(1).uniform_(lo, hi))
         if self.kernel:
             return T.functional.gaussian_blur(img, self.kernel, s)
         return img.filter(ImageFilter.GaussianBlur(radius=s))
@@ -288,32 +289,47 @@ class Solarize:
 
 class View:
     """One augmented view: RandomResizedCrop and horizontal flip with their geometry recorded,
-    then the method's photometric transform (colour, grey, blur, ... as a torchvision Compose).
+    any further geometric ops (`geometric`, on the PIL view: SimCLR histo's rotations), then the
+    method's photometric ops: a common.augment.Photometric description (or any callable on PIL).
 
     Returns (uint8 CHW tensor, box (x0, y0, x1, y1) in original-image pixels, flipped). The flip
     is drawn before the photometric ops; they are pointwise or symmetric, so the distribution
-    equals the usual crop-colour-blur-flip order.
+    equals the usual crop-colour-blur-flip order. `draw` also returns the photometric parameters
+    and can leave the ops to the device (--device-aug, common.augment).
     """
 
     def __init__(self, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, photometric=None,
-                 interpolation=Image.BILINEAR):
+                 interpolation=Image.BILINEAR, geometric=None):
         self.size, self.scale, self.ratio, self.flip_p = size, scale, ratio, flip_p
-        self.photometric, self.interpolation = photometric, interpolation
+        self.photometric, self.interpolation, self.geometric = photometric, interpolation, geometric
 
     def __call__(self, img):
+        return self.draw(img)[:3]
+
+    def draw(self, img, apply_photometric=True):
+        """-> (uint8 CHW, box, flipped, photometric parameters: common.augment vector or None).
+        The same random numbers are drawn whether the photometric ops are applied or not."""
         top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
         box = (left, top, left + w, top + h)
         out = img.resize((self.size, self.size), self.interpolation, box=box)
         flip = bool(torch.rand(1) < self.flip_p)
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.photometric is not None:
-            out = self.photometric(out)
-        return pil_to_uint8(out), torch.tensor(box, dtype=torch.float32), flip
+        if self.geometric is not None:
+            out = self.geometric(out)
+        params, ph = None, self.photometric
+        if hasattr(ph, "sample"):  # a common.augment.Photometric description
+            params = ph.sample()
+            if apply_photometric:
+                out = ph.apply_cpu(out, params)
+        elif ph is not None:  # any callable on PIL: CPU only
+            out = ph(out)
+        return pil_to_uint8(out), torch.tensor(box, dtype=torch.float32), flip, params
 
     def __repr__(self):
         return (f"View(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-                f"flip_p={self.flip_p}, photometric={self.photometric})")
+                f"flip_p={self.flip_p}, geometric={self.geometric}, "
+                f"photometric={self.photometric})")
 
 
 def sample_seed(*keys):
@@ -325,12 +341,15 @@ class MultiViewDataset(torch.utils.data.Dataset):
     """Applies one View per entry of `views` to the same decoded image.
 
     Sample: {"views": [uint8 CHW]*V, "boxes": [(4,)]*V, "flips": [bool]*V, "label", "index",
-    "skipped"}. Randomness comes from (seed, epoch, index) only; call set_epoch before each
-    epoch's iterator is created (workers are re-forked per epoch and pick it up).
+    "skipped"}; with device_aug (set by --device-aug, common.augment.DeviceAugment) the views
+    leave without their photometric ops and "photo": [(P,) parameters]*V carries them.
+    Randomness comes from (seed, epoch, index) only; call set_epoch before each epoch's iterator
+    is created (workers are re-forked per epoch and pick it up).
     """
 
     def __init__(self, base, views, seed=0):
         self.base, self.views, self.seed, self.epoch = base, list(views), seed, 0
+        self.device_aug = False
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -352,9 +371,14 @@ class MultiViewDataset(torch.utils.data.Dataset):
         extend this in their own file."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-            out = [v(img) for v in self.views]
-        return {"views": [o[0] for o in out], "boxes": [o[1] for o in out],
-                "flips": [o[2] for o in out]}
+            out = [v.draw(img, apply_photometric=not self.device_aug) for v in self.views]
+        sample = {"views": [o[0] for o in out], "boxes": [o[1] for o in out],
+                  "flips": [o[2] for o in out]}
+        if self.device_aug:
+            from common.augment import P
+            sample["photo"] = [o[3] if o[3] is not None else torch.zeros(P, dtype=torch.float64)
+                               for o in out]
+        return sample
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

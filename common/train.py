@@ -92,6 +92,12 @@ def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
                         "(official MoCo / SimCLR-PyTorch code)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="seeds init, augmentation, sampling")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--device-aug", action="store_true",
+                   help="photometric ops (jitter, grey, blur, solarize) batched on the training "
+                        "device, each sample with the parameters its loader worker drew; the "
+                        "workers only decode, crop and flip (common.augment). The blur is then "
+                        "the exact Gaussian kernel (--blur-kernel, else 23 px), not PIL's. Off "
+                        "until checked on CUDA, where it is meant to become the default")
     g.add_argument("--knn-every", type=nonneg_int, default=10,
                    help="every N epochs (and after the last) log the backbone's 20-NN accuracy "
                         "on held-out labelled tiles; 0 = off. Off by itself without labels")
@@ -415,6 +421,10 @@ class Trainer:
         self.epoch, self.step, self.sums, self.history = 0, 0, {}, []
         self.ckpt_path = run.out / "checkpoint.pth"
         self.monitor = KNNMonitor.build(run, getattr(loader.dataset, "base", loader.dataset))
+        self.device_aug = None
+        if getattr(run.args, "device_aug", False):  # before the workers fork (each epoch)
+            from common.augment import DeviceAugment
+            self.device_aug = DeviceAugment(loader.dataset, run.device)
         self._resume()
         if run.main:  # now that the script has derived everything (scaled lr, BN groups, ...)
             atomic_write_text(run.out / "args.json", json.dumps(vars(run.args), indent=2, default=str))
@@ -476,6 +486,8 @@ class Trainer:
         run.in_loop = True
         for batch in self.loader:
             t_data = time.perf_counter() - t_end
+            if self.device_aug is not None:  # --device-aug: the photometric ops, batched
+                batch["views"] = self.device_aug(batch)
             torch.manual_seed(cdata.sample_seed(args.seed, epoch, self.step, run.rank))
             self._stop_now = False
             yield self.step, batch
