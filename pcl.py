@@ -17,8 +17,8 @@ recipe (batch 256, SGD lr 0.03, wd 1e-4, per-epoch cosine, 200 epochs, T 0.2, qu
 A healthy log: during warm-up it is MoCo v2 (`loss` from log(K+1) = 9.70, `acc` climbing). From
 the first E-step on, each epoch prints the embedding and k-means times and, per granularity, the
 cluster-size histogram (few empty or one-point clusters; on NCT about 2-5 tiles per cluster) and
-the phi range (clipped, mean T); `loss_proto` starts below its chance level log(B + r) (the
-features already cluster) and falls, `acc_proto` (the query's own prototype ranks first) climbs;
+the phi range (clipped, mean T); `loss_proto` starts near or below its chance level log(B + r)
+(9.71 at B 32, r 16384) and falls, `acc_proto` (the query's own prototype ranks first) climbs;
 `loss` = `loss_instance` + `loss_proto`.
 """
 import copy
@@ -277,10 +277,10 @@ def get_args(argv=None):
     ctrain.add_common_args(p, batch_size=256, lr=0.03, epochs=200, weight_decay=1e-4)
     g = p.add_argument_group("moco v2 (the instance branch)")
     g.add_argument("--queue-size", type=cli.positive_int, default=16384, help="K")
-    g.add_argument("--moco-m", type=cli.unit_float, default=0.999)
+    g.add_argument("--moco-m", type=cli.unit_float, default=0.999, help="key encoder momentum")
     g.add_argument("--temperature", type=cli.positive_float, default=0.2,
                    help="InfoNCE's T and the mean of phi")
-    g.add_argument("--dim", type=cli.positive_int, default=128)
+    g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding and prototype size")
     g.add_argument("--blur-kernel", type=cli.positive_int, default=None, help="as moco.py")
     g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
     g = p.add_argument_group("pcl")
@@ -288,7 +288,7 @@ def get_args(argv=None):
                    help="k of each granularity (ConCL's NCT setting; ImageNet: 25000 50000 100000)")
     g.add_argument("--pcl-r", type=cli.positive_int, default=16384,
                    help="negative prototypes per granularity and step")
-    g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=20, help="plain MoCo v2 epochs")
+    g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=20, help="plain MoCo v2 epochs before the first E-step")
     g.add_argument("--kmeans-iters", type=cli.positive_int, default=20, help="Lloyd iterations")
     g.add_argument("--kmeans-redo", type=cli.positive_int, default=5,
                    help="k-means restarts; the lowest inertia wins")

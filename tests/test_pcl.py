@@ -197,10 +197,12 @@ def test_two_processes_across_the_warmup(tmp_path):
     assert p.stdout.count("E-step epoch 1") == 1  # printed once, by rank 0
 
 
-def test_resume_inside_a_clustered_epoch_is_bit_identical(single, tmp_path):
+def test_kill_and_resume_is_bit_identical(single, tmp_path):
     ref, _ = single
-    cut = tmp_path / "cut"  # 3 steps per epoch: stop after epoch 1's first step
-    run_script(*TINY, "--output-dir", cut, "--stop-after-steps", "4")
+    cut = tmp_path / "cut"  # 3 steps per epoch
+    run_script(*TINY, "--output-dir", cut, "--stop-after-steps", "3")  # at the warm-up's end
+    p = run_script(*TINY, "--output-dir", cut, "--stop-after-steps", "2")  # inside epoch 1
+    assert "E-step epoch 1" in p.stdout  # recomputed from the checkpoint's weights
     assert int(torch.load(cut / "checkpoint.pth", weights_only=False)["model"]["cluster_epoch"]) == 1
     p = run_script(*TINY, "--output-dir", cut)
     assert "E-step epoch 1" not in p.stdout  # the checkpoint's prototypes, not recomputed ones
