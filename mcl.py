@@ -10,7 +10,9 @@ branch, among the whole global batch. Defaults: the appendix (S = 3 levels, weig
 heads 2048 -> 256 with a final BN), on the BYOL NCT scale: batch 256, LARS lr 1.0 x B/256, wd
 1e-5, 10 warm-up epochs, cosine per step, EMA 0.99 -> 1, 200 epochs (methods.md 7, D5, D6).
 `--levels 4` is the released 4-level variant (weights 1/2, 1/4, 1/8, 1/8; level 3 = B/32 montages
-of 64 cells, every image twice).
+of 64 cells, every image twice). Unlike the released code, the FPN outputs and the head run only
+where a level reads them (their BN statistics are then per level, not over every map of every
+image), and `--target-views level0` keeps the montages out of the target (the appendix's cost).
 
     torchrun --nproc_per_node=8 mcl.py --data nct --data-root /data/NCT-CRC-HE-100K
     python mcl.py --data demo --epochs 2 --batch-size 32 --img-size 64          # CPU
