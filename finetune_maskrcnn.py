@@ -1,5 +1,6 @@
 """Fine-tune Mask R-CNN (ResNet-18/50 + FPN) on GlaS or CRAG and report COCO AP: the transfer
-benchmark of the ConCL paper (Yang et al., ECCV 2022, section 3.3, appendix C, Tables 1-3).
+benchmark of the ConCL paper (Yang et al., ECCV 2022, section 3.3, appendix C, Tables 1-3); or on
+your own instance-labelled images (--data instances: nuclei, ...).
 
 Any of our `backbone.pth` / `checkpoint.pth`, a torchvision ResNet file or a third-party
 self-supervised checkpoint initialises the ResNet body; FPN and heads start random. Recipe
@@ -18,9 +19,10 @@ reports the mean.
 A healthy log: `loss` (sum of the RPN, box and mask losses) falls from about 2-3 to well under 1
 within the first few hundred iterations and lr rises through the warm-up; a loss that jumps to
 NaN early points at frozen or mis-loaded BN statistics. Outputs: `run<i>/metrics.json` (COCO AP,
-AP50, AP75, APs/m/l for `bbox` and `segm`, in percent), `run<i>/model_final.pth`,
-`run<i>/log.jsonl`, `run<i>/vis/*.png` (predicted outlines in yellow over ground truth in green), and
-over the runs `metrics.json` (means), `summary.json` (mean and std) and `results.md` (a table row).
+AP50, AP75, APs/m/l for `bbox` and `segm`, in percent; GlaS also `testA` and `testB` alone),
+`run<i>/model_final.pth`, `run<i>/log.jsonl`, `run<i>/vis/*.png` (predicted outlines in yellow
+over ground truth in green, with a legend), and over the runs `metrics.json` (means),
+`summary.json` (mean and std) and `results.md` (a table row per test set).
 """
 import argparse
 import json
@@ -106,7 +108,8 @@ def get_args(argv=None):
                         "100; instances 500; demo 20)")
     g = p.add_argument_group("training")
     g.add_argument("--schedule", default="1x", help="0.5x, 1x, 2x, 3x, 5x: scales iterations "
-                   "and lr steps (appendix C)")
+                   "and lr steps (appendix C). 1x: GlaS 5000 (x0.1 at 4000), CRAG 15000 (10000, "
+                   "13000), instances 2000 (1500, 1800; warm-up 200)")
     g.add_argument("--max-iters", type=cli.positive_int, default=None,
                    help="override the schedule's length (steps and warm-up scale with it): smoke "
                         "runs")
