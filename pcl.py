@@ -214,7 +214,7 @@ def embed_tiles(encoder, base, run, args):
         for buf in encoder.buffers():
             torch.distributed.broadcast(buf, 0)
     share = torch.utils.data.Subset(base, range(min(n, run.rank * per), min(n, (run.rank + 1) * per)))
-    loader = tile_loader(share, args.img_size, b, args.workers if n > 1000 else 0)
+    loader = tile_loader(share, args.img_size, b, args.workers)
     f = (extract_features(encoder, loader, run.device, progress=None if run.main else False)[0]
          if len(share) else torch.zeros(0, args.dim))
     padded = torch.zeros(per, args.dim, device=run.device)
@@ -239,15 +239,15 @@ def e_step(model, base, run, args, epoch):
     x = embed_tiles(model.encoder_k, base, run, args)
     t1 = time.perf_counter()
     for i, (k, c) in enumerate(zip(args.num_clusters, model.clusters)):
-        if i % run.world == run.rank:
+        if i % run.world == run.rank:  # the granularities run in parallel over the processes
             cent, labels, d2 = kmeans(x, k, args.kmeans_iters, args.kmeans_redo,
                                       cdata.sample_seed(args.seed, epoch, i))
             c.prototypes.copy_(F.normalize(cent, dim=1))
             c.im2cluster.copy_(labels)
             c.phi.copy_(concentration(d2.sqrt(), labels, k, args.temperature))
-        if run.world > 1:
-            for b in c.buffers():
-                torch.distributed.broadcast(b, i % run.world)
+    for i, c in enumerate(model.clusters if run.world > 1 else []):
+        for b in c.buffers():
+            torch.distributed.broadcast(b, i % run.world)
     model.cluster_epoch.fill_(epoch)
     t2 = time.perf_counter()
     run.print(f"E-step epoch {epoch}: {len(x)} x {x.shape[1]} embeddings in {t1 - t0:.1f} s, "
