@@ -334,7 +334,11 @@ def pcl_e_step(a, device, out):
           f"{' '.join(map(str, ks))}), k-means timed at scale {s} ({n_r} points, k = "
           f"{' '.join(map(str, ks_r))}, {flops_r / 1e12:.3g} TFLOP) and extrapolated by FLOPs\n")
     print("| E-step part | FLOPs at NCT scale | s per epoch at NCT scale |\n|---|---|---|")
-    print(f"| k-means + phi (20 iterations, best of 5, fp32) | {flops / 1e12:.0f} TFLOP | {t_km_nct:.1f} |")
+    # pcl.e_step runs granularity i on process i % world: on 3+ processes the largest alone counts
+    t_km_par = t_km_nct * kmeans_flops(n, ks[-1:]) / flops
+    res["kmeans_s_nct_largest_alone"] = t_km_par
+    print(f"| k-means + phi (20 iterations, best of 5, fp32), one device | {flops / 1e12:.0f} TFLOP "
+          f"| {t_km_nct:.1f} (on 3+ processes, k = {ks[-1]} alone: {t_km_par:.1f}) |")
     print(f"| embedding {n} tiles ({a.img_size} px, eval forward, batch {a.batch_size}) | | "
           f"{t_embed_nct:.1f} |")
     if "pcl" in m and "moco_v2" in m:
