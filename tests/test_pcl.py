@@ -1,6 +1,7 @@
 """PCL v2's pieces against brute force and hand-written formulas, and its runs end to end."""
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -115,6 +116,31 @@ def test_negatives_never_hold_a_batch_cluster():
     assert set(pcl.sample_negatives(pos, 14, 4).tolist()) == {10, 11, 12, 13}  # all free ones
     with pytest.raises(AssertionError):
         pcl.sample_negatives(pos, 14, 5)
+
+
+def test_model_loss_is_instance_plus_mean_proto_nce():
+    # r = every free cluster, so the negatives are a known set (their order does not matter)
+    args = types.SimpleNamespace(arch="resnet18", dim=16, queue_size=32, moco_m=0.999,
+                                 temperature=0.2, bn_splits=1, pcl_r=3, num_clusters=[6, 7])
+    torch.manual_seed(0)
+    model = pcl.PCL(args, 10)
+    index = torch.tensor([7, 2, 5, 9])
+    pos = [torch.tensor([0, 0, 2, 3]), torch.tensor([1, 4, 5, 6])]  # 3 and 4 clusters used
+    for c, p, k in zip(model.clusters, pos, (6, 7)):
+        c.im2cluster[index] = p
+        c.prototypes.copy_(F.normalize(torch.randn(k, 16), dim=1))
+        c.phi.copy_(0.1 + 0.2 * torch.rand(k))
+    x_q, x_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    q = F.normalize(model.encoder_q(x_q), dim=1)  # train-mode BN: what forward sees
+    expected = []
+    for c, p, k in zip(model.clusters, pos, (6, 7)):
+        free = torch.tensor([j for j in range(k) if j not in p.tolist()])
+        expected.append(pcl.proto_nce(q, p, free, c.prototypes, c.phi))
+    loss, parts = model(x_q, x_k, index)
+    torch.testing.assert_close(parts["loss_proto"], torch.stack(expected).mean())
+    torch.testing.assert_close(loss, parts["loss_instance"] + parts["loss_proto"])
+    loss, parts = model(x_q, x_k)  # warm-up: MoCo v2 alone
+    assert "loss_proto" not in parts and loss == parts["loss_instance"]
 
 
 # ----------------------------------------------------------------------------- the E-step
