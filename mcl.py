@@ -40,6 +40,19 @@ from common import train as ctrain
 from common.models import resnet, resnet_maps
 
 
+# ----------------------------------------------------------------------------- views
+def augmentations(size, levels):
+    """2 x S views per image (methods.md 7.1): branch q's S draws with BYOL's view-1 settings
+    (blur always, no solarise), branch k's S with view-2 settings (blur 0.1, solarise 0.2); MCL
+    crops 20-100% of the area, bilinear, where BYOL crops 8-100%, bicubic."""
+    views = []
+    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
+        v = augmentation(size, blur_p, solarize_p)
+        v.scale, v.interpolation = (0.2, 1.0), Image.BILINEAR
+        views += [v] * levels  # the same pipeline, drawn anew for every view
+    return views
+
+
 # ----------------------------------------------------------------------------- montages
 def montage(x, level, mode="nearest"):
     """x (B, C, H, W) -> (B // 4**level, C, H, W): consecutive groups of 4**level images, each
@@ -301,12 +314,8 @@ def main():
     run = ctrain.Run(args, "mcl")
     check_mcl_args(args)
     S = args.levels
-    views = []
-    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):  # BYOL view 1 for branch q, view 2 for k
-        v = augmentation(args.img_size, blur_p, solarize_p)
-        v.scale, v.interpolation = (0.2, 1.0), Image.BILINEAR  # MCL's crop (methods.md 7.1)
-        views += [v] * S                                   # S independent draws per branch
-    dataset = cdata.MultiViewDataset(cdata.build_dataset(args), views, seed=args.seed)
+    dataset = cdata.MultiViewDataset(cdata.build_dataset(args), augmentations(args.img_size, S),
+                                     seed=args.seed)
     loader, sampler = cdata.pretrain_loader(dataset, args.batch_size, args.workers, args.seed,
                                             run.device)
 

@@ -18,6 +18,22 @@ from common.models import load_pretrained, resnet, resnet_maps
 from tests.conftest import REPO, run_script
 
 
+# ----------------------------------------------------------------------------- views
+def test_views_are_byols_two_settings_with_mcls_crop():
+    views = mcl.augmentations(64, 3)
+    assert len(views) == 6
+    for v in views:
+        assert v.scale == (0.2, 1.0) and v.interpolation == Image.BILINEAR and v.flip_p == 0.5
+        assert v.photometric.jitter == (0.4, 0.4, 0.2, 0.1) and v.photometric.grey_p == 0.2
+    assert [(v.photometric.blur_p, v.photometric.solarize_p) for v in views] == \
+        [(1.0, 0.0)] * 3 + [(0.1, 0.2)] * 3
+    # independent draws: the six views of one image differ
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), np.uint8))
+    ds = cdata.MultiViewDataset([(img, 0)], views, seed=0)
+    out = ds[0]["views"]
+    assert all(not torch.equal(out[i], out[j]) for i in range(6) for j in range(i))
+
+
 # ----------------------------------------------------------------------------- montages
 def test_montage_geometry_each_cell_holds_its_image_downsampled():
     torch.manual_seed(0)
