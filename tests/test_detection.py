@@ -1,6 +1,7 @@
 """The fine-tuner's parts against hand-computed values: COCO AP of known geometries, the
 appendix C schedules, the iteration sampler, the detector's configuration, checkpoint loading."""
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -272,3 +273,22 @@ def test_heads_initialised_as_detectron2():
     assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
     retina, _ = build_detector("retinanet", "resnet18", (64,), 64, anchor_sizes=(8, 16, 32, 64, 128))
     assert retina.anchor_generator.sizes[0] == (8, 10, 12)  # x2^(1/3), x2^(2/3), truncated
+
+
+def test_glas_test_a_and_b_reported_beside_the_combined_set(tmp_path):
+    items = [{"name": n, "image": f"{n}.bmp"} for n in ("testA_1", "testA_2", "testB_1")]
+    groups = ft.split_groups(argparse.Namespace(items=items))
+    assert groups == {"testA": [0, 1], "testB": [2]}
+    assert ft.split_groups(argparse.Namespace(items=items[:2])) == {}  # one group: no split
+    ap = lambda v: {"bbox": {"AP": v, "AP50": v + 1, "AP75": v - 1}}
+    runs = [{**ap(10), "testA": ap(12), "testB": ap(6)}, {**ap(20), "testA": ap(22), "testB": ap(16)}]
+    args = argparse.Namespace(pretrained="runs/concl/backbone.pth", detector="retinanet",
+                              arch="resnet18", data="glas", schedule="1x", max_iters=None,
+                              output_dir=str(tmp_path))
+    ft.summarise(args, argparse.Namespace(print=lambda *a: None), runs)
+    means = json.loads((tmp_path / "metrics.json").read_text())
+    assert means["bbox"]["AP"] == 15 and means["testA"]["bbox"]["AP50"] == 18
+    assert means["testB"]["bbox"]["AP75"] == 10
+    rows = (tmp_path / "results.md").read_text().splitlines()[2:]
+    assert [r.split(" | ")[3] for r in rows] == ["A+B", "testA", "testB"]
+    assert rows[0].startswith("| concl | retinanet resnet18 | 1x | A+B | 15.0 ± 7.071 | 16.0 ± ")
