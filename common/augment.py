@@ -67,25 +67,16 @@ class Photometric:
     # -- the parameters -------------------------------------------------------------------------
     def sample(self, generator=None):
         """-> (P,) float64: every random number of the ops, all drawn every time (a fixed count,
-        so the draws after these do not depend on what was applied)."""
-        g = generator
-
-        def coin(p):
-            return float(torch.rand(1, generator=g).item() < p)
-
-        def uniform(lo, hi):
-            return torch.empty(1, dtype=torch.float64).uniform_(lo, hi, generator=g).item()
-
-        p = torch.zeros(P, dtype=torch.float64)
-        p[JITTER] = coin(self.jitter_p)
-        p[ORDER:ORDER + 4] = torch.randperm(4, generator=g).double()  # as ColorJitter.get_params
-        for k, (lo, hi) in enumerate(self.ranges()):
-            p[FACTOR + k] = uniform(lo, hi)
-        p[GREY] = coin(self.grey_p)
-        p[BLUR] = coin(self.blur_p)
-        p[SIGMA] = uniform(*self.blur_sigma)
-        p[SOLARIZE] = coin(self.solarize_p)
-        return p
+        so the draws after these do not depend on what was applied). Two torch calls: the
+        loader does this twice per sample."""
+        u = torch.rand(9, dtype=torch.float64, generator=generator).tolist()
+        order = torch.randperm(4, generator=generator).tolist()  # as ColorJitter.get_params
+        factors = [lo + (hi - lo) * v for (lo, hi), v in zip(self.ranges(), u[4:8])]
+        lo, hi = self.blur_sigma
+        jitter, grey, blur, solarize = (float(v < q) for v, q in zip(
+            u[:4], (self.jitter_p, self.grey_p, self.blur_p, self.solarize_p)))
+        return torch.tensor([jitter, *order, *factors, grey, blur, lo + (hi - lo) * u[8], solarize],
+                            dtype=torch.float64)
 
     def __call__(self, img):
         """Draw and apply on the CPU: a drop-in for the T.Compose it replaces."""
