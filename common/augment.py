@@ -244,19 +244,24 @@ def solarize(x, on, threshold=128):
 class DeviceAugment:
     """--device-aug: tells a MultiViewDataset's workers to draw the photometric parameters
     without applying them (batch["photo"]: one (N, P) tensor per view), and applies each view's
-    ops to its batch on `device`. Views without photometric ops pass through."""
+    ops to its batch on `device`. The descriptions are the dataset's views' `photometric`, or,
+    for a dataset that builds its views itself, its `photometrics` list (one per view; it then
+    honours `device_aug` and fills "photo" as MultiViewDataset.augment does). Views without
+    photometric ops pass through."""
 
     def __init__(self, dataset, device):
-        views = getattr(dataset, "views", None)
-        if not views:
+        ops = getattr(dataset, "photometrics", None)
+        if ops is None:
+            ops = [getattr(v, "photometric", None) for v in getattr(dataset, "views", [])]
+        if not ops:
             raise DataError("--device-aug: this script's dataset builds its views itself "
-                            "(no common.data.View list); run without --device-aug")
-        for v in views:
-            ph = getattr(v, "photometric", None)
+                            "(no common.data.View list, no `photometrics`); run without "
+                            "--device-aug")
+        for ph in ops:
             if ph is not None and not isinstance(ph, Photometric):
                 raise DataError(f"--device-aug: a view's photometric ops ({ph!r}) are not a "
                                 "common.augment.Photometric; run without --device-aug")
-        self.photometric = [getattr(v, "photometric", None) or Photometric() for v in views]
+        self.photometric = [ph or Photometric() for ph in ops]
         self.device = device
         dataset.device_aug = True  # read by the workers, forked at each epoch's first batch
 
