@@ -25,7 +25,8 @@ Detectron2 -> torchvision, as ConCL's `benchmarks/detection/configs/{GlaS,CRAG}/
   (nuclei: 8..128).
 - 100 detections per image, score threshold 0.05, NMS 0.5 (RetinaNet too: torchvision's 300
   would change AP against the paper's numbers). COCO AP counts at most max(100, detections)
-  detections per image, as Detectron2's COCOEvaluator with TEST.DETECTIONS_PER_IMAGE > 100.
+  detections per image (COCO's 100 when detections <= 100, as the paper; above it, as
+  Detectron2's COCOEvaluator(max_dets_per_image=...), with its own AP summary).
 - TEST.PRECISE_BN enabled: BN statistics recomputed over 200 training batches before testing.
 
 Still different from Detectron2 (small effects on AP, noted for anyone comparing numbers to the
@@ -289,7 +290,7 @@ def coco_metrics(gts, preds, iou_types=("bbox", "segm"), max_dets=100):
     area and files a thin mask under the wrong size). A metric with no ground truth
     in its size range is None (COCO reports -1). No detections at all gives zeros. At most
     max(100, max_dets) detections per image count (COCO's 100 caps recall on images of
-    hundreds of nuclei; Detectron2 raises it with TEST.DETECTIONS_PER_IMAGE as well).
+    hundreds of nuclei; Detectron2's COCOEvaluator takes max_dets_per_image for the same).
     """
     anns, images = [], []
     for g in gts:
