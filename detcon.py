@@ -15,14 +15,17 @@ Schedules are the NCT recipes of simclr.py / byol.py (200 epochs, batch 1024, pe
     torchrun --nproc_per_node=8 detcon.py --data nct --data-root /data/NCT-CRC-HE-100K \
         --mask-cache /data/fh --variant B
     python detcon.py --data demo --epochs 2 --batch-size 16 --img-size 64 --masks grid \
-        --grid-size 2                                                       # CPU, seconds
+        --grid-size 2                                                       # CPU, minutes
 
-A healthy log: `loss` starts near log(2 x 16 x global batch) x `paired` (rows with a partner
-in the other view; the others weigh 0) and falls; `acc` (the partner is the most similar of
-all rows) rises; `paired` stays well above 0 (about 0.5-0.9 for FH masks, which need
-overlapping views); `masks_computed` (the share of tiles whose FH map training computed
-itself) is 1 in the first epoch without a precompute and 0 afterwards. masks.png shows tiles,
-their masks and the 16 masks each view sampled.
+A healthy log: `loss` starts below log(2 x 16 x global batch) - the chance level of a row
+with a partner - because rows without a partner in the other view weigh 0 and a mask drawn k
+times weighs 1/k per row (`paired`: the share of rows with a partner, near 1 for grid masks,
+lower for FH), and falls; `acc` (a row's best match is its partner) rises; `masks_computed`
+(the share of tiles whose FH map training computed itself) is 1 in the first epoch without a
+precompute and 0 afterwards. masks.png (written at the start) shows tiles, their masks and the
+16 masks each view drew. On 224 px NCT tiles FH with the paper's 1000 / 1000 finds only 1-4
+segments (a tile has 50,176 pixels; min_size 1000), so DetCon is close to its parent there;
+`--fh-scale 250 --fh-min-size 250` gives about 20.
 """
 import math
 from pathlib import Path
@@ -31,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import default_collate
 
 import byol
 import simclr
@@ -96,12 +98,13 @@ def _direction(a, t_other, t_same, ids_a, ids_o_all, ids_a_all, temperature):
     logits_x = a @ t_other.flatten(0, 1).t() / temperature
     logits_s = (a @ t_same.flatten(0, 1).t() / temperature).masked_fill(
         same_img & (id_a == ids_a_all.flatten()[None, :]), -1e9)             # itself, duplicates
-    logp = torch.log_softmax(torch.cat([logits_x, logits_s], 1), 1)[:, :logits_x.shape[1]]
+    logits = torch.cat([logits_x, logits_s], 1)
+    logp = torch.log_softmax(logits, 1)[:, :pos.shape[1]]                    # positives: other view
     n_pos = pos.sum(1)
     ce = -(pos * logp).sum(1) / n_pos.clamp_min(1)                           # soft labels
     dup = (ids_a[:, :, None] == ids_a[:, None, :]).sum(2).flatten()          # draws of this id
     weight = (n_pos > 0).float() / dup
-    j = torch.cat([logits_x, logits_s], 1).argmax(1)                         # best candidate
+    j = logits.argmax(1)                                                     # best candidate
     hit = (j < pos.shape[1]) & pos.gather(1, j.clamp_max(pos.shape[1] - 1)[:, None]).squeeze(1)
     return (weight * ce).mean(), (hit & (n_pos > 0)).sum(), (n_pos > 0).sum()
 
@@ -219,25 +222,29 @@ class DetConB(byol.BYOL):
 
 # ----------------------------------------------------------------------------- seeing masks
 def save_masks(dataset, indices, path):
-    """PNG, one row per tile: the tile, its masks, then per view: the view with its masks and
-    the view with only its 16 sampled masks painted on the C5 grid (darker: not sampled)."""
-    from concl import overlay  # the same painter as ConCL's concept maps
+    """PNG, one row per tile: the tile and its masks, then per view: the view with its masks
+    (the view's crop and flip) and the masks it drew on the C5 grid (cells of masks not drawn
+    dimmed); columns at least 112 px, headed, as ConCL's concept maps."""
+    from concl import overlay, sheet
+    a = dataset.args
+    cell, size, g = max(112, a.img_size), a.img_size, dataset.grid
     rows = []
     for i in indices:
         img = dataset.base.load(i)[0] if hasattr(dataset.base, "load") else dataset.base[i][0]
-        full = torch.from_numpy(np.asarray(dataset.full_labels(img, i)[0], np.int64))
+        full = np.asarray(dataset.full_labels(img, i)[0], np.int64)
         s = dataset[i]
-        tile = cdata.pil_to_uint8(img.resize(s["views"][0].shape[1:][::-1]))
-        row = [tile.permute(1, 2, 0).numpy(), overlay(tile, full)]
-        size, g = dataset.args.img_size, dataset.grid
+        tile = cdata.pil_to_uint8(img)
+        row = [overlay(tile, None, cell=cell), overlay(tile, torch.from_numpy(full), cell=cell)]
         for v in range(2):
             view, cells = s["views"][v], s["cells"][v].view(g, g)
-            mask = view_mask(full.numpy(), s["boxes"][v], s["flips"][v], size)
-            sampled = torch.where(torch.isin(cells, s["ids"][v]), cells, -1)
-            keep = sampled.ge(0).repeat_interleave(size // g, 0).repeat_interleave(size // g, 1)
-            row += [overlay(view, mask), overlay(torch.where(keep, view, view // 2), sampled)]
-        rows.append(np.concatenate(row, 1))
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+            drawn = torch.where(torch.isin(cells, s["ids"][v]), cells, -1)
+            keep = drawn.ge(0).repeat_interleave(size // g, 0).repeat_interleave(size // g, 1)
+            row += [overlay(view, view_mask(full, s["boxes"][v], s["flips"][v], size), cell=cell),
+                    overlay(torch.where(keep, view, view // 2), drawn, cell=cell)]
+        rows.append(row)
+    n = a.num_masks
+    sheet(rows, ["tile", f"masks ({a.masks})", "view 1", f"view 1: {n} drawn", "view 2",
+                 f"view 2: {n} drawn"], cell).save(path)
     return path
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import byol  # noqa: E402
 import concl  # noqa: E402
 import densecl  # noqa: E402
+import detcon  # noqa: E402
 import mcl  # noqa: E402
 import moco  # noqa: E402
 import pixcon  # noqa: E402
@@ -255,10 +256,128 @@ def pixcon_entry(match):
     return build, lambda a, device: bound(a, device, 2, 2)
 
 
+def detcon_entry(variant):
+    def build(a, device):
+        args = detcon.get_args(["--variant", variant, "--img-size", str(a.img_size), "--arch", a.arch])
+        model = prepare(detcon.DetConS(args) if variant == "S" else detcon.DetConB(args), device)
+        x1, x2 = images(a, device), images(a, device)
+        g, cells_n = torch.Generator().manual_seed(0), (a.img_size // 32) ** 2
+        # ~12 masks per view (FH on NCT tiles); cells and draws come from the loader
+        cells = [torch.randint(0, 12, (a.batch_size, cells_n), generator=g) for _ in range(2)]
+        ids = [torch.stack([detcon.sample_masks(c, 16) for c in cv]).to(device) for cv in cells]
+        cells = [c.to(device) for c in cells]
+        opt = ctrain.LARS(ctrain.lars_param_groups(model, args.weight_decay), lr=0.1)
+        step = train_step(model, opt, lambda: model(x1, x2, cells, ids), a, device)
+
+        def step_and_ema():
+            step()
+            if variant == "B":
+                model.momentum_update(0.996)  # after the optimiser step, as detcon.train_one_epoch
+        return step_and_ema
+    # the parents' work: SimCLR's two online views, BYOL's two online and two target views
+    return build, lambda a, device: bound(a, device, 2, 0 if variant == "S" else 2)
+
+
+def detcon_flops(batch, size):
+    """FLOPs of one training step of SimCLR, BYOL and DetCon on the meta device (no compute):
+    the paper's appendix A.2 accounting, independent of the machine's load."""
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = torch.device("meta")
+    x1, x2 = (torch.empty(batch, 3, size, size, device=meta) for _ in range(2))
+    cells = [torch.randint(0, 12, (batch, (size // 32) ** 2)) for _ in range(2)]
+    ids = [torch.stack([detcon.sample_masks(c, 16) for c in cv]).to(meta) for cv in cells]
+    cells = [c.to(meta) for c in cells]
+    nets = {"simclr": (simclr.SimCLR, ()), "byol": (byol.BYOL, ()),
+            "detcon_S": (detcon.DetConS, (detcon.get_args(["--variant", "S"]),)),
+            "detcon_B": (detcon.DetConB, (detcon.get_args(["--variant", "B"]),))}
+    res = {}
+    for name, (cls, args) in nets.items():
+        with meta:
+            model = cls(*args)
+        with FlopCounterMode(display=False) as counter:
+            model(x1, x2, *([cells, ids] if name.startswith("detcon") else []))[0].backward()
+        res[name] = counter.get_total_flops()
+    return res
+
+
+def detcon_report(a, out):
+    """DetCon against its parent in the same run (the paper's FLOPs: +5.3% S, +11.6% B) and
+    the FH precompute's tiles/s on one core."""
+    m = out["methods"]
+    pairs = [(k, b, f) for k, b, f in (("detcon_S", "simclr", 1.053), ("detcon_B", "byol", 1.116))
+             if k in m and b in m]
+    if pairs:
+        print("\n| DetCon | step / parent's step | parent | paper's FLOPs ratio |\n|---|---|---|---|")
+        for k, b, f in pairs:
+            out[f"{k}_vs_{b}"] = m[k]["step_s"] / m[b]["step_s"]
+            print(f"| {k} | {out[f'{k}_vs_{b}']:.3f}x | {b} | {f:.3f}x |")
+    if not any(k.startswith("detcon") for k in m):
+        return
+    batch = a.batch_size if a.quick else 1024
+    fl = detcon_flops(batch, a.img_size)
+    out["detcon_flops"] = fl
+    print(f"\n# FLOPs of one step (matmuls and convolutions, forward + backward; meta device), "
+          f"global batch {batch}, {a.img_size} px: DetCon_S / SimCLR {fl['detcon_S'] / fl['simclr']:.3f}x, "
+          f"DetCon_B / BYOL {fl['detcon_B'] / fl['byol']:.3f}x (paper, ResNet-50: 1.053x, 1.116x)")
+    from common.masks import FHCache
+    with tempfile.TemporaryDirectory() as d:
+        paths, source = tiles(d, n=8 if a.quick else 32)
+        cache = FHCache(Path(d) / "cache", 1000, 1000)
+        t = time.perf_counter()
+        for p in paths:
+            cache.load(p.name, cdata.read_rgb(p))
+        rate = len(paths) / (time.perf_counter() - t)
+    out["fh_tiles_per_s_per_core"] = rate
+    print(f"\n# FH precompute (scale = min_size = 1000, read + segment + write), one core, "
+          f"{source}: {rate:.1f} tiles/s")
+
+
+def mcl_entry(levels=3):
+    """MCL's step: 2 x S views assembled into both branches' montage batches (the permutations
+    are part of the step), EMA after the optimiser step. S drops where the batch does not split
+    into S levels (--quick's 8: S = 2). Its bound is BYOL's work at the branch's B + B/4 + B/16
+    images: the appendix's 1.3125x, without FPN and head."""
+    def n_levels(a):
+        return next(s for s in (levels, 2, 1) if a.batch_size % 4 ** (s - 1) == 0)
+
+    def build(a, device):
+        S = n_levels(a)
+        model = prepare(mcl.MCL(a.arch, S), device)
+        views = [images(a, device) for _ in range(2 * S)]
+        opt = ctrain.LARS(ctrain.lars_param_groups(model, 1e-5), lr=0.1)
+
+        def forward():
+            x_q, l_q = mcl.assemble(views[:S], S)
+            x_k, l_k = mcl.assemble(views[S:], S)
+            return model(x_q, l_q, x_k, l_k)
+        step = train_step(model, opt, forward, a, device)
+
+        def step_and_ema():
+            step()
+            model.momentum_update(0.99)  # after the optimiser step, as mcl.train_one_epoch
+        return step_and_ema
+
+    def build_bound(a, device):
+        S = n_levels(a)
+        n = sum(c // 4 ** i for i, c in enumerate(mcl.slot_counts(a.batch_size, S)))
+        return bound(argparse.Namespace(**{**vars(a), "batch_size": n}), device, 2, 2)
+    return build, build_bound
+
+
+def mcl_report(out):
+    """MCL against BYOL in the same run (the appendix's accounting: 1.3125x the online cost for
+    S = 3; target at most 1.40x with the FPN and the head)."""
+    m = out["methods"]
+    if "mcl" in m and "byol" in m:
+        out["mcl_vs_byol"] = m["mcl"]["step_s"] / m["byol"]["step_s"]
+        print(f"\n# MCL step / BYOL step: {out['mcl_vs_byol']:.3f}x (appendix accounting 1.3125x)")
+
+
 # name -> (build the method's step, build its backbone-only bound: online, target views)
 METHODS = {"moco_v2": moco_entry("v2"), "moco_v1": moco_entry("v1"),
            "simclr": (simclr_build, lambda a, device: bound(a, device, 2, 0)),
            "byol": (byol_build, lambda a, device: bound(a, device, 2, 2)),
+           "detcon_S": detcon_entry("S"), "detcon_B": detcon_entry("B"),
            "densecl": (densecl_build, lambda a, device: bound(a, device, 1, 1)),
            "concl_grid": concl_entry("grid"), "concl_fh": concl_entry("fh"),
            "concl_kmeans": concl_entry("kmeans"), "mcl": mcl_entry(),
@@ -407,38 +526,7 @@ def tiles(folder, n=64):
     return paths, source
 
 
-def device_executor(dataset, device, n=64):
-    """--device-aug's executor: ms per sample (both views) of the photometric ops, batched."""
-    from torch.utils.data import default_collate
-    from common.augment import DeviceAugment
-    aug = DeviceAugment(dataset, device)
-    batch = default_collate([dataset[i % len(dataset)] for i in range(n)])
-    batch["views"] = [v.to(device) for v in batch["views"]]
-    aug(batch)
-    sync(device)
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
-    t = clock()
-    for _ in range(3):
-        aug(batch)
-    sync(device)
-    return 1000 * (clock() - t) / 3 / n
-
-
-def loader_rate(dataset, workers, samples, batch=32):
-    """Samples/s out of a DataLoader with `workers` processes (after its first batch)."""
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=samples + batch,
-                                             generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,
-                                         num_workers=workers, prefetch_factor=4 if workers else None)
-    it = iter(loader)
-    next(it)
-    t, n = time.perf_counter(), 0
-    for b in it:
-        n += len(b["index"])
-    return n / (time.perf_counter() - t)
-
-
-def data_pipeline(a, device=torch.device("cpu")):
+def data_pipeline(a):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         paths, source = tiles(d)
@@ -459,27 +547,18 @@ def data_pipeline(a, device=torch.device("cpu")):
                 return base(img), base(img)
             return load
 
-        def per_sample(fn):  # CPU time of this (one-thread) process: robust to shared cores
+        def per_sample(fn):
             for i in range(10):
                 fn(i)
-            t = time.process_time()
+            t = time.perf_counter()
             for i in range(a.samples):
                 fn(i)
-            return 1000 * (time.process_time() - t) / a.samples
+            return 1000 * (time.perf_counter() - t) / a.samples
 
         res = {"source": source,
                "ours_ms": per_sample(lambda i: ours[i % len(ours)]),
                "torchvision_ms": per_sample(two_crops(per_image(T.GaussianBlur(23, (0.1, 2.0))))),
                "official_moco_ms": per_sample(two_crops(per_image(cdata.GaussianBlur((0.1, 2.0)))))}
-        # --device-aug: the workers decode, crop, flip and draw the parameters (uint8 out); the
-        # photometric ops run batched on the device (common.augment)
-        dev = cdata.MultiViewDataset(cdata.ImageList(paths, [0] * len(paths), ["x"]), [view, view])
-        res["device_exec_ms"] = device_executor(dev, device)  # sets dev.device_aug
-        res["device_loader_ms"] = per_sample(lambda i: dev[i % len(dev)])
-        res["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, one core"
-        res["workers"] = a.data_workers
-        res["rate_ours"] = loader_rate(ours, a.data_workers, a.samples)
-        res["rate_device_aug"] = loader_rate(dev, a.data_workers, a.samples)
         batch = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8)
         t = time.perf_counter()
         for _ in range(5):
@@ -519,8 +598,6 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--samples", type=int, default=200, help="data pipeline samples")
-    p.add_argument("--data-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="loader processes for the data pipeline's samples/s")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--quick", action="store_true", help="64 px, batch 8, 1 + 2 steps")
     p.add_argument("--json", help="also write the numbers here")
@@ -558,6 +635,7 @@ def main():
     for name, t, tb, mem in rows:
         vs = f"{t / base:.2f}x" if base else "n/a"
         print(f"| {name} | {a.batch_size / t:.1f} | {t:.3f} | {tb:.3f} | {t / tb:.2f}x | {vs} | {mem} |")
+    detcon_report(a, out)
     mcl_report(out)
     if "pcl" in out["methods"]:
         pcl_e_step(a, device, out)
@@ -569,10 +647,9 @@ def main():
         for k, v in split.items():
             print(f"| {k} | {v:.1f} |")
 
-    d = data_pipeline(a, device)
+    d = data_pipeline(a)
     out["data"] = d
-    print(f"\n# data pipeline, one core, two 224 px views per sample ({d['source']}); CPU "
-          "time (GPU: wall time for the --device-aug executor)\n")
+    print(f"\n# data pipeline, one core, two 224 px views per sample ({d['source']})\n")
     print("| pipeline | ms per sample |\n|---|---|")
     print(f"| ours: decode once, two views as uint8 | {d['ours_ms']:.2f} |")
     print(f"| + normalisation (on the GPU in training; here CPU) | {d['normalise_ms']:.2f} |")
@@ -581,15 +658,6 @@ def main():
     print(f"| the same with PIL blur, i.e. the official MoCo loader | {d['official_moco_ms']:.2f} |")
     print(f"| ratio torchvision / ours | {d['torchvision_ms'] / d['ours_ms']:.2f}x |")
     print(f"| ratio official MoCo / ours | {d['official_moco_ms'] / d['ours_ms']:.2f}x |")
-    print(f"| --device-aug loader: decode, crop, flip, draw the parameters (uint8) | "
-          f"{d['device_loader_ms']:.2f} |")
-    print(f"| --device-aug executor, both views batched by 64 ({d['device_name']}) | "
-          f"{d['device_exec_ms']:.2f} |")
-    print(f"| ratio of the loader's CPU work, ours / --device-aug | "
-          f"{d['ours_ms'] / d['device_loader_ms']:.1f}x |")
-    print(f"\n# full loader, {d['workers']} worker processes (samples/s, both views; shared "
-          f"cores are noisy)\n\n| ours | --device-aug (loader only) |\n|---|---|\n"
-          f"| {d['rate_ours']:.0f} | {d['rate_device_aug']:.0f} |")
     print(f"\n# blur alone, one 224 px tile ({d['source']}): PIL GaussianBlur(radius=sigma) (ours, as the official "
           "MoCo code) vs torchvision gaussian_blur(23, sigma)\n")
     print("| | PIL | torchvision 23 px | ratio |\n|---|---|---|---|")

@@ -37,8 +37,9 @@ def test_same_named_tiles_get_their_own_maps_in_concl(twins, tmp_path):
     (keyed by the stem, b/x.png used a/x.png's map)."""
     import concl
     base = cdata.folder_dataset(twins)
-    args = argparse.Namespace(concept="fh", mask_cache=str(tmp_path / "cache"), output_dir=None,
-                              fh_scale=50, img_size=64, max_concepts=64, data_root=str(twins))
+    args = argparse.Namespace(concept="fh", fh_input="tile", mask_cache=str(tmp_path / "cache"),
+                              output_dir=None, fh_scale=50, img_size=64, max_concepts=64,
+                              data_root=str(twins))
     ds = concl.ConceptViews(base, [cdata.View(64, scale=(1.0, 1.0), ratio=(1, 1), flip_p=0)], 0, args)
     for i in range(2):
         img = base[i][0]
