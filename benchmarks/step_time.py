@@ -526,7 +526,38 @@ def tiles(folder, n=64):
     return paths, source
 
 
-def data_pipeline(a):
+def device_executor(dataset, device, n=64):
+    """--device-aug's executor: ms per sample (both views) of the photometric ops, batched."""
+    from torch.utils.data import default_collate
+    from common.augment import DeviceAugment
+    aug = DeviceAugment(dataset, device)
+    batch = default_collate([dataset[i % len(dataset)] for i in range(n)])
+    batch["views"] = [v.to(device) for v in batch["views"]]
+    aug(batch)
+    sync(device)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    t = clock()
+    for _ in range(3):
+        aug(batch)
+    sync(device)
+    return 1000 * (clock() - t) / 3 / n
+
+
+def loader_rate(dataset, workers, samples, batch=32):
+    """Samples/s out of a DataLoader with `workers` processes (after its first batch)."""
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=samples + batch,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,
+                                         num_workers=workers, prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    next(it)
+    t, n = time.perf_counter(), 0
+    for b in it:
+        n += len(b["index"])
+    return n / (time.perf_counter() - t)
+
+
+def data_pipeline(a, device=torch.device("cpu")):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         paths, source = tiles(d)
@@ -547,18 +578,27 @@ def data_pipeline(a):
                 return base(img), base(img)
             return load
 
-        def per_sample(fn):
+        def per_sample(fn):  # CPU time of this (one-thread) process: robust to shared cores
             for i in range(10):
                 fn(i)
-            t = time.perf_counter()
+            t = time.process_time()
             for i in range(a.samples):
                 fn(i)
-            return 1000 * (time.perf_counter() - t) / a.samples
+            return 1000 * (time.process_time() - t) / a.samples
 
         res = {"source": source,
                "ours_ms": per_sample(lambda i: ours[i % len(ours)]),
                "torchvision_ms": per_sample(two_crops(per_image(T.GaussianBlur(23, (0.1, 2.0))))),
                "official_moco_ms": per_sample(two_crops(per_image(cdata.GaussianBlur((0.1, 2.0)))))}
+        # --device-aug: the workers decode, crop, flip and draw the parameters (uint8 out); the
+        # photometric ops run batched on the device (common.augment)
+        dev = cdata.MultiViewDataset(cdata.ImageList(paths, [0] * len(paths), ["x"]), [view, view])
+        res["device_exec_ms"] = device_executor(dev, device)  # sets dev.device_aug
+        res["device_loader_ms"] = per_sample(lambda i: dev[i % len(dev)])
+        res["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, one core"
+        res["workers"] = a.data_workers
+        res["rate_ours"] = loader_rate(ours, a.data_workers, a.samples)
+        res["rate_device_aug"] = loader_rate(dev, a.data_workers, a.samples)
         batch = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8)
         t = time.perf_counter()
         for _ in range(5):
@@ -598,6 +638,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--samples", type=int, default=200, help="data pipeline samples")
+    p.add_argument("--data-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader processes for the data pipeline's samples/s")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--quick", action="store_true", help="64 px, batch 8, 1 + 2 steps")
     p.add_argument("--json", help="also write the numbers here")
@@ -647,9 +689,10 @@ def main():
         for k, v in split.items():
             print(f"| {k} | {v:.1f} |")
 
-    d = data_pipeline(a)
+    d = data_pipeline(a, device)
     out["data"] = d
-    print(f"\n# data pipeline, one core, two 224 px views per sample ({d['source']})\n")
+    print(f"\n# data pipeline, one core, two 224 px views per sample ({d['source']}); CPU "
+          "time (GPU: wall time for the --device-aug executor)\n")
     print("| pipeline | ms per sample |\n|---|---|")
     print(f"| ours: decode once, two views as uint8 | {d['ours_ms']:.2f} |")
     print(f"| + normalisation (on the GPU in training; here CPU) | {d['normalise_ms']:.2f} |")
@@ -658,6 +701,15 @@ def main():
     print(f"| the same with PIL blur, i.e. the official MoCo loader | {d['official_moco_ms']:.2f} |")
     print(f"| ratio torchvision / ours | {d['torchvision_ms'] / d['ours_ms']:.2f}x |")
     print(f"| ratio official MoCo / ours | {d['official_moco_ms'] / d['ours_ms']:.2f}x |")
+    print(f"| --device-aug loader: decode, crop, flip, draw the parameters (uint8) | "
+          f"{d['device_loader_ms']:.2f} |")
+    print(f"| --device-aug executor, both views batched by 64 ({d['device_name']}) | "
+          f"{d['device_exec_ms']:.2f} |")
+    print(f"| ratio of the loader's CPU work, ours / --device-aug | "
+          f"{d['ours_ms'] / d['device_loader_ms']:.1f}x |")
+    print(f"\n# full loader, {d['workers']} worker processes (samples/s, both views; shared "
+          f"cores are noisy)\n\n| ours | --device-aug (loader only) |\n|---|---|\n"
+          f"| {d['rate_ours']:.0f} | {d['rate_device_aug']:.0f} |")
     print(f"\n# blur alone, one 224 px tile ({d['source']}): PIL GaussianBlur(radius=sigma) (ours, as the official "
           "MoCo code) vs torchvision gaussian_blur(23, sigma)\n")
     print("| | PIL | torchvision 23 px | ratio |\n|---|---|---|---|")
