@@ -267,6 +267,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "m" / "t0.png")
     common = ["detcon.py", *TINY[4:], "--data", "folder", "--data-root", imgs, "--workers", "0",
               "--masks", "file", "--mask-dir", tmp_path / "m", "--output-dir", tmp_path / "b"]
-    p = run_script(*common, check=False)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "error: " in p.stderr
-    assert "mask (32, 32) != image (64, 64)" in p.stderr or "cannot read" in p.stderr
+    p = run_script(*common, check=False)  # masks.png reads t0 first: the wrong size
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("error: ") and "t0.png: mask (32, 32) != image (64, 64)" in p.stderr
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "m" / "t0.png")
+    p = run_script(*common, check=False)  # then t1's map is missing
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "--mask-dir: cannot read" in p.stderr and "t1.png" in p.stderr
