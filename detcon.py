@@ -166,7 +166,7 @@ class MaskViews(cdata.MultiViewDataset):
         full = full[..., 0] if full.ndim == 3 else full
         if full.shape != (img.height, img.width):
             raise cdata.DataError(f"{path}: mask {full.shape[::-1]} != image {img.size}")
-        return full.astype(np.int64), False
+        return np.unique(full, return_inverse=True)[1].reshape(full.shape), False  # ids 0..n-1
 
     def augment(self, img, i):
         s = super().augment(img, i)
@@ -174,7 +174,7 @@ class MaskViews(cdata.MultiViewDataset):
         s["cells"] = [cell_labels(view_mask(full, b, f, self.args.img_size), self.grid)
                       for b, f in zip(s["boxes"], s["flips"])]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cdata.sample_seed(self.seed, self.epoch, i, 1))
+            torch.default_generator.manual_seed(cdata.sample_seed(self.seed, self.epoch, i, 1))
             s["ids"] = [sample_masks(c, self.args.num_masks) for c in s["cells"]]
         s["masks_computed"] = int(computed)
         return s
