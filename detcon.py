@@ -98,14 +98,14 @@ def _direction(a, t_other, t_same, ids_a, ids_o_all, ids_a_all, temperature):
     logits_x = a @ t_other.flatten(0, 1).t() / temperature
     logits_s = (a @ t_same.flatten(0, 1).t() / temperature).masked_fill(
         same_img & (id_a == ids_a_all.flatten()[None, :]), -1e9)             # itself, duplicates
-    logits = torch.cat([logits_x, logits_s], 1)
-    logp = torch.log_softmax(logits, 1)[:, :pos.shape[1]]                    # positives: other view
+    # log-softmax over both blocks without concatenating them (half the memory at NCT scale)
+    lse = torch.logaddexp(logits_x.logsumexp(1), logits_s.logsumexp(1))      # (N M,)
     n_pos = pos.sum(1)
-    ce = -(pos * logp).sum(1) / n_pos.clamp_min(1)                           # soft labels
+    ce = -(pos * (logits_x - lse[:, None])).sum(1) / n_pos.clamp_min(1)      # soft labels
     dup = (ids_a[:, :, None] == ids_a[:, None, :]).sum(2).flatten()          # draws of this id
     weight = (n_pos > 0).float() / dup
-    j = logits.argmax(1)                                                     # best candidate
-    hit = (j < pos.shape[1]) & pos.gather(1, j.clamp_max(pos.shape[1] - 1)[:, None]).squeeze(1)
+    best, j = logits_x.max(1)                                                # best candidate
+    hit = (best >= logits_s.max(1).values) & pos.gather(1, j[:, None]).squeeze(1)
     return (weight * ce).mean(), (hit & (n_pos > 0)).sum(), (n_pos > 0).sum()
 
 

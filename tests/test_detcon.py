@@ -166,6 +166,14 @@ def test_detcon_loss_matches_brute_force_with_targets_and_nt_xent_with_one_mask(
     one = torch.zeros(6, 1, dtype=torch.long)
     torch.testing.assert_close(detcon.detcon_loss(z1[:, None], z2[:, None], one, one, 0.1),
                                simclr.nt_xent(z1, z2, 0.1))
+    # acc / paired: distinct one-hot rows, the same in both views -> every row finds its partner;
+    # view 2 drops image 0's mask 1 for a mask view 1 lacks -> 1 of 8 rows per view unpaired
+    e = torch.eye(8).view(4, 2, 8)
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
+    ids2 = ids.clone()
+    ids2[0, 1] = 5
+    _, stats = detcon.detcon_loss(e, e, ids, ids2, 0.1, return_stats=True)
+    assert stats["acc"].item() == 100 and stats["paired"].item() == pytest.approx(14 / 16)
 
 
 def _worker(rank, world, port, z1, z2, ids1, ids2, results):
