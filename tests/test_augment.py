@@ -146,6 +146,18 @@ def test_every_method_pipeline_equals_torchvision_per_image(source, demo_tiles, 
         assert (got - img).abs().mean() > 0.01, name  # the pipeline changed the images
 
 
+def test_a_sample_does_not_depend_on_its_batch(demo_tiles):
+    """Bit for bit: a sample's output is the same in the whole batch, in either half of it, or
+    alone, so 1 and 2 processes (each with its part of the global batch) see the same pixels."""
+    for name, ph in pipelines().items():
+        p = params_for(ph, len(demo_tiles), seed=5)
+        for x in (demo_tiles, demo_tiles.float() / 255):
+            full = ph.apply_batch(x, p)
+            assert torch.equal(full, torch.cat([ph.apply_batch(x[:7], p[:7]),
+                                                ph.apply_batch(x[7:], p[7:])])), name
+            assert torch.equal(full[3:4], ph.apply_batch(x[3:4], p[3:4])), name
+
+
 def test_apply_batch_keeps_device_and_leaves_its_input_alone(demo_tiles):
     ph = pipelines()["byol_view2"]
     x = demo_tiles.clone()
@@ -182,7 +194,8 @@ def test_sampler_honours_the_probabilities_ranges_and_draws_a_permutation():
 def test_both_paths_draw_the_same_numbers_and_agree_on_the_pixels():
     """One dataset, --device-aug off and on: the same crops, flips and parameters (a function
     of seed, epoch, index alone, with 0 or 2 workers); the device path's images, once its ops
-    ran, differ from the CPU path's (PIL's jitter ops) by about a grey level on average."""
+    ran, differ from the CPU path's (PIL's jitter ops) by under a grey level on average (0.4-0.5 on
+    real tiles, 99% of pixels within 3)."""
     base = DemoTiles(n=8, seed=1)
     views = byol.augmentations(64, blur_kernel=23)  # the exact kernel on both paths
     ds = cdata.MultiViewDataset(base, views, seed=4)
@@ -202,7 +215,7 @@ def test_both_paths_draw_the_same_numbers_and_agree_on_the_pixels():
             assert torch.equal(batch["boxes"][v], torch.stack([cpu[4 * b + j]["boxes"][v] for j in range(4)]))
             assert batch["flips"][v].tolist() == [cpu[4 * b + j]["flips"][v] for j in range(4)]
             diffs.append((dev[v].float() - want.float()).abs().mean().item())
-    assert max(diffs) < 4.0, diffs  # PIL's jitter rounds where torchvision truncates, hue in 8 bits
+    assert max(diffs) < 1.5, diffs  # PIL's jitter rounds where torchvision truncates, hue in 8 bits
 
 
 def test_device_aug_refuses_views_it_cannot_run():
@@ -244,9 +257,9 @@ def test_pixcon_says_device_aug_is_not_there_yet(tmp_path):
 
 
 def test_moco_v2_with_device_aug_resumes_bit_identical(tmp_path):
-    flags = ["moco.py", *TINY, "--demo-size", "24", "--epochs", "2", "--queue-size", "16"]
+    flags = ["moco.py", *TINY, "--epochs", "2", "--queue-size", "16"]  # 2 steps an epoch
     run_script(*flags, "--output-dir", tmp_path / "ref")
-    run_script(*flags, "--output-dir", tmp_path / "cut", "--stop-after-steps", "4")
+    run_script(*flags, "--output-dir", tmp_path / "cut", "--stop-after-steps", "3")  # mid-epoch
     run_script(*flags, "--output-dir", tmp_path / "cut")
     a, b = (torch.load(tmp_path / d / "backbone.pth", map_location="cpu") for d in ("ref", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
