@@ -251,8 +251,8 @@ class PixCon(nn.Module):
         in1, in2 = intersection_boxes(boxes[0], boxes[1], flips[0], flips[1])
         m1, m2 = overlap_mask(in1, s), overlap_mask(in2, s)
         queues = (self.queue_g.clone(), self.queue_d.clone())  # overwritten below (P12)
-        g12, d12, p12 = self.direction(o1, t2, m1, (boxes[0], boxes[1], flips[0], flips[1], s), queues)
-        g21, d21, p21 = self.direction(o2, t1, m2, (boxes[1], boxes[0], flips[1], flips[0], s), queues)
+        g12, d12, p12 = self.direction(o1, t2, m1, (*boxes, *flips, s), queues)
+        g21, d21, p21 = self.direction(o2, t1, m2, (*boxes[::-1], *flips[::-1], s), queues)
         loss_g, loss_d = g12 + g21, d12 + d21                  # symmetric: sum of both directions
         loss = (1 - self.lam) * loss_g + self.lam * loss_d
         keys = t2 if enqueue_dir == 0 else t1

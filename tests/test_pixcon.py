@@ -122,7 +122,8 @@ def test_coord_match_on_a_known_geometry():
             for c in range(s):
                 u, v = (c + 0.5) / s, (r + 0.5) / s
                 u = 1 - u if flip else u
-                pts.append((float(box[0] + u * (box[2] - box[0])), float(box[1] + v * (box[3] - box[1]))))
+                pts.append((float(box[0] + u * (box[2] - box[0])),
+                            float(box[1] + v * (box[3] - box[1]))))
         return torch.tensor(pts, dtype=torch.float64)
 
     for n in range(16):
@@ -132,7 +133,8 @@ def test_coord_match_on_a_known_geometry():
         assert torch.equal(valid[n], inside)
         # nearest in the key view's own coordinates (cells are scaled per axis there)
         wk, hk = float(bk[n, 2] - bk[n, 0]), float(bk[n, 3] - bk[n, 1])
-        d = ((pq[:, None, 0] - pk[None, :, 0]) / wk) ** 2 + ((pq[:, None, 1] - pk[None, :, 1]) / hk) ** 2
+        d = (((pq[:, None, 0] - pk[None, :, 0]) / wk) ** 2
+             + ((pq[:, None, 1] - pk[None, :, 1]) / hk) ** 2)
         best = d.argmin(1)
         assert torch.equal(idx[n][inside], best[inside])
     assert valid.any() and not valid.all()
@@ -342,8 +344,8 @@ def test_two_processes_killed_and_resumed_end_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # queues included
     # the epoch finished before the cut logs the same numbers (the interrupted epoch's line
     # does not yet: the checkpoint keeps rank 0's partial sums only, common.train.Trainer.save)
-    untimed = [{k: v for k, v in log(tmp_path / d)[0].items() if "time" not in k and "per_s" not in k}
-               for d in ("ref", "cut")]
+    untimed = [{k: v for k, v in log(tmp_path / d)[0].items()
+                if "time" not in k and "per_s" not in k} for d in ("ref", "cut")]
     assert untimed[0] == untimed[1]
 
 
