@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO))
 import byol  # noqa: E402
 import concl  # noqa: E402
 import densecl  # noqa: E402
-import detcon  # noqa: E402
 import mcl  # noqa: E402
+import detcon  # noqa: E402
 import moco  # noqa: E402
-import pixcon  # noqa: E402
 import pcl  # noqa: E402
+import pixcon  # noqa: E402
 import simclr  # noqa: E402
 from common import data as cdata  # noqa: E402
 from common import train as ctrain  # noqa: E402
@@ -147,7 +147,7 @@ def concl_batch(a, device, concept):
 
 
 def concl_args(a, concept):
-    return argparse.Namespace(arch=a.arch, dim=128, queue_size=a.queue, moco_m=0.999,
+    return argparse.Namespace(arch=a.arch, init="openselfsup", dim=128, queue_size=a.queue, moco_m=0.999,
                               temperature=0.2, bn_splits=bn_splits(a), concept=concept, grid_size=5,
                               num_concepts=8, cluster_stage=4, img_size=a.img_size,
                               concept_weight=1.0, official_key_order=False,
@@ -186,52 +186,11 @@ def byol_build(a, device):
 
 
 def densecl_build(a, device):
-    args = argparse.Namespace(arch=a.arch, dim=128, queue_size=a.queue, moco_m=0.999,
+    args = argparse.Namespace(arch=a.arch, init="openselfsup", dim=128, queue_size=a.queue, moco_m=0.999,
                               temperature=0.2, bn_splits=bn_splits(a))
     model = prepare(densecl.DenseCL(args), device)
     xq, xk = images(a, device), images(a, device)
     return train_step(model, sgd(model.parameters()), lambda: model(xq, xk, 0.5), a, device)
-
-
-def mcl_entry(levels=3):
-    """MCL's step: 2 x S views assembled into both branches' montage batches (the permutations
-    are part of the step), EMA after the optimiser step. S drops where the batch does not split
-    into S levels (--quick's 8: S = 2). Its bound is BYOL's work at the branch's B + B/4 + B/16
-    images: the appendix's 1.3125x, without FPN and head."""
-    def n_levels(a):
-        return next(s for s in (levels, 2, 1) if a.batch_size % 4 ** (s - 1) == 0)
-
-    def build(a, device):
-        S = n_levels(a)
-        model = prepare(mcl.MCL(a.arch, S), device)
-        views = [images(a, device) for _ in range(2 * S)]
-        opt = ctrain.LARS(ctrain.lars_param_groups(model, 1e-5), lr=0.1)
-
-        def forward():
-            x_q, l_q = mcl.assemble(views[:S], S)
-            x_k, l_k = mcl.assemble(views[S:], S)
-            return model(x_q, l_q, x_k, l_k)
-        step = train_step(model, opt, forward, a, device)
-
-        def step_and_ema():
-            step()
-            model.momentum_update(0.99)  # after the optimiser step, as mcl.train_one_epoch
-        return step_and_ema
-
-    def build_bound(a, device):
-        S = n_levels(a)
-        n = sum(c // 4 ** i for i, c in enumerate(mcl.slot_counts(a.batch_size, S)))
-        return bound(argparse.Namespace(**{**vars(a), "batch_size": n}), device, 2, 2)
-    return build, build_bound
-
-
-def mcl_report(out):
-    """MCL against BYOL in the same run (the appendix's accounting: 1.3125x the online cost for
-    S = 3; target at most 1.40x with the FPN and the head)."""
-    m = out["methods"]
-    if "mcl" in m and "byol" in m:
-        out["mcl_vs_byol"] = m["mcl"]["step_s"] / m["byol"]["step_s"]
-        print(f"\n# MCL step / BYOL step: {out['mcl_vs_byol']:.3f}x (appendix accounting 1.3125x)")
 
 
 def pixcon_entry(match):
@@ -390,7 +349,7 @@ PCL_NCT = (100_000, (20000, 35000, 50000))  # NCT-CRC-HE-100K tiles, ConCL's gra
 
 
 def pcl_args(a, ks):
-    return argparse.Namespace(arch=a.arch, dim=128, queue_size=a.queue, moco_m=0.999,
+    return argparse.Namespace(arch=a.arch, init="openselfsup", dim=128, queue_size=a.queue, moco_m=0.999,
                               temperature=0.2, bn_splits=bn_splits(a), pcl_r=min(16384, a.queue),
                               num_clusters=list(ks))
 
@@ -677,6 +636,7 @@ def main():
     for name, t, tb, mem in rows:
         vs = f"{t / base:.2f}x" if base else "n/a"
         print(f"| {name} | {a.batch_size / t:.1f} | {t:.3f} | {tb:.3f} | {t / tb:.2f}x | {vs} | {mem} |")
+
     detcon_report(a, out)
     mcl_report(out)
     if "pcl" in out["methods"]:
