@@ -135,7 +135,10 @@ class Photometric:
                     apply((p[:, JITTER] > 0) & (p[:, ORDER + pos] == k), jitter_ops[k], FACTOR + k)
         if not self.grey_first:
             apply(p[:, GREY] > 0, grey)
-        apply(p[:, BLUR] > 0, lambda y, s, _: gaussian_blur(y, s.view(-1), self.kernel), SIGMA)
+        blur = (p[:, BLUR] > 0).view(-1, 1, 1, 1)
+        if blur.any():  # the whole batch, then select: one conv shape for cuDNN every step
+            sigma = p[:, SIGMA].float().to(x.device)
+            x = torch.where(blur.to(x.device), gaussian_blur(x, sigma, self.kernel), x)
         on = (p[:, SOLARIZE] > 0).view(-1, 1, 1, 1).to(x.device)
         return solarize(x, on, self.solarize_threshold)
 
@@ -216,18 +219,20 @@ def hsv_to_rgb(h, s, v):
 def gaussian_blur(x, sigma, kernel_size):
     """x (n, C, H, W), sigma (n,) float32: torchvision's gaussian_blur(kernel_size, sigma) per
     sample (its exact kernel and reflect padding; uint8 rounded), as two separable passes of a
-    grouped convolution with each sample's own 1-D kernel."""
+    grouped convolution with each sample's own 1-D kernel. On CUDA the convolution runs in
+    float64: cuDNN's default TF32 would keep 10 bits of each product."""
     dtype = x.dtype if x.is_floating_point() else torch.float32
+    work = torch.float64 if x.is_cuda else dtype
     n, c, hgt, wid = x.shape
     half = (kernel_size - 1) * 0.5
     t = torch.linspace(-half, half, steps=kernel_size, dtype=dtype, device=x.device)
     pdf = torch.exp(-0.5 * (t / sigma.to(dtype).view(-1, 1)).pow(2))   # (n, k)
-    k1 = (pdf / pdf.sum(1, keepdim=True)).repeat_interleave(c, 0)      # (n C, k)
+    k1 = (pdf / pdf.sum(1, keepdim=True)).repeat_interleave(c, 0).to(work)  # (n C, k)
     pad = kernel_size // 2
-    y = F.pad(x.to(dtype).reshape(1, n * c, hgt, wid), [pad] * 4, mode="reflect")
+    y = F.pad(x.to(work).reshape(1, n * c, hgt, wid), [pad] * 4, mode="reflect")
     y = F.conv2d(y, k1.view(n * c, 1, kernel_size, 1), groups=n * c)  # vertical
     y = F.conv2d(y, k1.view(n * c, 1, 1, kernel_size), groups=n * c)  # horizontal
-    y = y.reshape(n, c, hgt, wid)
+    y = y.reshape(n, c, hgt, wid).to(dtype)
     return y if x.is_floating_point() else torch.round(y).to(x.dtype)
 
 
