@@ -5,7 +5,9 @@ Images leave the loader as uint8 CHW tensors; `to_device` normalises them on the
 keeps float conversion and normalisation off the CPU workers and sends a quarter of the bytes.
 
 Augmentation is per sample and seeded from (seed, epoch, index): a sample looks the same in any
-worker, with any number of workers, and after a resume in the middle of an epoch.
+worker, with any number of workers, and after a resume in the middle of an epoch. The photometric
+ops are described per view by common.augment.Photometric and run here, per image, or with
+--device-aug batched on the training device from parameters drawn here.
 """
 import atexit
 import multiprocessing
@@ -371,7 +373,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         extend this in their own file."""
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed also queues CUDA/MPS/XPU seeding with a
-            # stack trace each (~0.3 ms a sample); the draws are the same
+            # stack trace each (~0.1 ms a sample); the draws are the same
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
             out = [v.draw(img, apply_photometric=not self.device_aug) for v in self.views]
         sample = {"views": [o[0] for o in out], "boxes": [o[1] for o in out],
