@@ -444,7 +444,9 @@ class Trainer:
         unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.epoch, self.step, self.history = ck["epoch"], ck["step"], ck["history"]
-        self.sums = ck["sums"]
+        sums = ck["sums"]  # one dict per rank (older checkpoints: rank 0's dict)
+        self.sums = dict(sums[run.rank] if isinstance(sums, list) and len(sums) == run.world
+                         else sums[0] if isinstance(sums, list) else sums)
         if self.step and ck["global_batch"] != run.global_batch:
             run.print(f"note: global batch changed ({ck['global_batch']} -> {run.global_batch});"
                       f" epoch {self.epoch} restarts from its first step")
@@ -455,10 +457,15 @@ class Trainer:
         run.print(f"resumed from {self.ckpt_path}: epoch {self.epoch}, step {self.step}")
 
     def save(self):
+        # every rank's partial sums of the epoch, so a mid-epoch resume logs the same line
+        sums = [self.sums]
+        if self.run.world > 1:
+            sums = [None] * self.run.world
+            torch.distributed.all_gather_object(sums, self.sums)
         if self.run.main:
             atomic_save({"model": unwrap(self.model).state_dict(),
                          "optimizer": self.optimizer.state_dict(),
-                         "epoch": self.epoch, "step": self.step, "sums": self.sums,
+                         "epoch": self.epoch, "step": self.step, "sums": sums,
                          "history": self.history, "global_batch": self.run.global_batch,
                          "args": vars(self.run.args)}, self.ckpt_path)
         cdist.barrier()

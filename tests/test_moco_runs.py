@@ -110,6 +110,11 @@ def test_two_processes_gloo_and_resume(tmp_path):
     run_script(*two, "--output-dir", cut, "--stop-after-steps", "2", nproc=2)
     run_script(*two, "--output-dir", cut, nproc=2)
     assert same_weights(backbone(cut), backbone(ref))
+    # the interrupted epoch's line too: every rank's partial sums came back (not rank 0's twice)
+    timing = ("img_per_s", "data_time", "step_time_s")
+    for a, b in zip(log(cut), log(ref), strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == \
+            pytest.approx({k: v for k, v in b.items() if k not in timing}, rel=1e-9)
 
 
 def test_moco_v1_runs(tmp_path):
