@@ -99,15 +99,18 @@ def one_op(name, n, g):
 
 
 OPS = ["brightness", "contrast", "saturation", "hue", "grey", "blur", "solarize"]
+# The executor on every device this machine has, against torchvision per image on the CPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("source", ["demo", "real"])
 @pytest.mark.parametrize("name", OPS)
-def test_each_op_alone_equals_torchvision_per_image(name, source, demo_tiles, real_tiles):
+def test_each_op_alone_equals_torchvision_per_image(name, source, device, demo_tiles, real_tiles):
     x = tiles_for(source, demo_tiles, real_tiles)
     ph, p, reference = one_op(name, len(x), torch.Generator().manual_seed(OPS.index(name)))
     for img in (x, x.float() / 255):  # the uint8 batch from the loader, and float in [0, 1]
-        got = ph.apply_batch(img, p)
+        got = ph.apply_batch(img.to(device), p.to(device)).cpu()
         want = torch.stack([reference(img[i], i) for i in range(len(img))])
         assert got.dtype == img.dtype and got.shape == img.shape
         assert max_level_diff(got, want) <= 1, name
@@ -133,8 +136,10 @@ def test_each_sample_gets_its_own_op_order(demo_tiles):
 
 
 # ----------------------------------------------------------------------------- whole pipelines
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("source", ["demo", "real"])
-def test_every_method_pipeline_equals_torchvision_per_image(source, demo_tiles, real_tiles):
+def test_every_method_pipeline_equals_torchvision_per_image(source, device, demo_tiles,
+                                                            real_tiles):
     """Same per-sample parameters: the batched executor equals apply_cpu on the tensor, i.e.
     torchvision's functional tensor ops one image at a time, within one grey level (uint8) and
     1/255 (float), for each method's views (the device blur: the 23 px kernel either way)."""
@@ -142,7 +147,7 @@ def test_every_method_pipeline_equals_torchvision_per_image(source, demo_tiles, 
     for i, (name, ph) in enumerate(pipelines(x.shape[-1]).items()):
         p = params_for(ph, len(x), seed=i)
         for img in (x, x.float() / 255):
-            got = ph.apply_batch(img, p)
+            got = ph.apply_batch(img.to(device), p.to(device)).cpu()
             want = torch.stack([ph.apply_cpu(img[j], p[j]) for j in range(len(x))])
             assert max_level_diff(got, want) <= 1, (name, img.dtype)
         assert (got - img).abs().mean() > 0.01, name  # the pipeline changed the images
