@@ -27,6 +27,7 @@ from moco import MoCo, augmentation, check_moco_args, lr_at, moco_logits
 
 
 # ----------------------------------------------------------------------------- the dense idea
+@ctrain.fp32
 def match(q_feat, k_feat):
     """q_feat, k_feat (N, C, S) backbone features of two views -> (N, S): for every query
     location the most cosine-similar key location (query -> key, not mutual)."""
@@ -34,6 +35,7 @@ def match(q_feat, k_feat):
     return sim.argmax(2)
 
 
+@ctrain.fp32
 def dense_logits(q_d, k_d, idx, queue, temperature):
     """q_d, k_d (N, D, S) normalised dense embeddings, idx (N, S) matches, queue (K, D) ->
     (N * S, 1 + K) logits with each location's matched key first."""

@@ -109,6 +109,7 @@ def _direction(a, t_other, t_same, ids_a, ids_o_all, ids_a_all, temperature):
     return (weight * ce).mean(), (hit & (n_pos > 0)).sum(), (n_pos > 0).sum()
 
 
+@ctrain.fp32
 def detcon_loss(a1, a2, ids1, ids2, temperature, t1=None, t2=None, return_stats=False):
     """a1, a2 (N, M, D) anchors of the two views for M sampled masks per image (predictions for
     B, projections for S); t1, t2 targets (default: the anchors, DetCon_S; B: the target

@@ -101,6 +101,7 @@ def assemble(views, levels, mode="nearest"):
     return torch.cat(xs), labels
 
 
+@ctrain.fp32
 def retrieval_loss(e, z, labels, T):
     """e (n, D) online predictions of n sub-images, z (N, D) L2-normalised targets of the other
     branch's level-0 images from every process, labels (n,) global index of each sub-image's
@@ -143,9 +144,9 @@ class Encoder(nn.Module):
     """ResNet body -> FPN (torchvision ops, BN, over the stages the levels read) -> 4-conv head
     per window -> average pool -> projector 256-hidden-dim with a final BN without affine."""
 
-    def __init__(self, arch, levels, hidden_dim, dim, fpn_dim=256):
+    def __init__(self, arch, levels, hidden_dim, dim, fpn_dim=256, init="openselfsup"):
         super().__init__()
-        self.backbone, self.levels = resnet(arch), levels
+        self.backbone, self.levels = resnet(arch, init), levels
         c = self.backbone.feature_dim
         self.fpn = FeaturePyramidNetwork([c // 8, c // 4, c // 2, c][4 - levels:], fpn_dim,
                                          norm_layer=nn.BatchNorm2d)
@@ -170,11 +171,11 @@ class Encoder(nn.Module):
 
 class MCL(nn.Module):
     def __init__(self, arch="resnet18", levels=3, hidden_dim=2048, dim=256, T=1.0,
-                 target_montages=True):
+                 target_montages=True, init="openselfsup"):
         super().__init__()
         self.levels, self.T, self.weights = levels, T, level_weights(levels)
         self.target_montages = target_montages
-        self.online = Encoder(arch, levels, hidden_dim, dim)
+        self.online = Encoder(arch, levels, hidden_dim, dim, init=init)
         self.predictors = nn.ModuleList(mlp(dim, hidden_dim, dim, "normal") for _ in range(levels))
         self.target = copy.deepcopy(self.online)  # backbone + FPN + head + projector
         for p in self.target.parameters():
@@ -320,7 +321,7 @@ def main():
                                             run.device)
 
     model = run.sync_bn(MCL(args.arch, S, args.hidden_dim, args.dim, args.temperature,
-                            target_montages=args.target_views == "all"))
+                            target_montages=args.target_views == "all", init=args.init))
     model = model.to(run.device)
     # LARS; 1-D parameters (biases, every BN) get no decay and no trust ratio (P11)
     optimizer = ctrain.LARS(ctrain.lars_param_groups(model, args.weight_decay), lr=args.scaled_lr,

@@ -49,6 +49,7 @@ def info_nce(q, k, queue, temperature):
                            torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
+@ctrain.fp32
 def moco_logits(q, k, queue, temperature):
     l_pos = (q * k).sum(1, keepdim=True)  # (N, 1)
     l_neg = q @ queue.t()                  # (N, K)

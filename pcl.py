@@ -133,6 +133,7 @@ def sample_negatives(pos, k, r):
     return ids[torch.randperm(ids.numel(), device=pos.device)[:r]]
 
 
+@ctrain.fp32
 def proto_logits(q, pos, neg, prototypes, phi):
     """q (B, D) normalised queries, pos (B,) each query's cluster, neg (r,) negative clusters,
     prototypes (k, D), phi (k,) -> (B, B + r) logits q.c / phi_c; row i's target is column i.
@@ -281,7 +282,7 @@ def get_args(argv=None):
     g.add_argument("--temperature", type=cli.positive_float, default=0.2,
                    help="InfoNCE's T and the mean of phi")
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding and prototype size")
-    g.add_argument("--blur-kernel", type=cli.positive_int, default=None, help="as moco.py")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
     g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
     g = p.add_argument_group("pcl")
     g.add_argument("--num-clusters", type=cli.positive_int, nargs="+", default=[20000, 35000, 50000],

@@ -82,7 +82,7 @@ class OverlapViews(cdata.MultiViewDataset):
 
     def augment(self, img, i):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cdata.sample_seed(self.seed, self.epoch, i))
+            torch.default_generator.manual_seed(cdata.sample_seed(self.seed, self.epoch, i))
             boxes = overlapping_crops(img)
             views, flips = [], []
             for box, photometric in zip(boxes, self.photometric):
@@ -137,6 +137,7 @@ def coord_match(box_q, box_k, flip_q, flip_k, s):
     return row * s + col, valid
 
 
+@ctrain.fp32
 def match_similarity(q_feat, k_feat, idx):
     """(N, C, S) backbone features, idx (N, S) matches -> (N, S) cosine of each match."""
     k = F.normalize(k_feat, dim=1).gather(2, idx.unsqueeze(1).expand(-1, k_feat.shape[1], -1))

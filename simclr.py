@@ -53,6 +53,7 @@ def augmentation(kind, size, blur_kernel=None):
 
 
 # ----------------------------------------------------------------------------- the loss
+@ctrain.fp32
 def nt_xent(z1, z2, temperature):
     """z1, z2 (N, D) projections of two views. Each of the 2N rows against the other 2N - 1
     (itself removed, not compensated; pitfall P4), positive = the other view; mean over 2N."""
@@ -63,6 +64,7 @@ def nt_xent(z1, z2, temperature):
     return F.cross_entropy(sim, target)
 
 
+@ctrain.fp32
 def distributed_nt_xent(z1, z2, temperature, return_logits=False):
     """nt_xent with this process's 2N anchors against the 2N x world candidates of all processes,
     gathered with gradients (common.dist.gather_with_grad). The mean over ranks equals nt_xent on

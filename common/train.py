@@ -9,6 +9,7 @@ Exact resume rests on three rules: augmentation is seeded per sample from (seed,
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -213,6 +214,19 @@ def check_resume_args(path, saved, args, keys):
         if old != new:
             raise cdata.DataError(f"{path} was written with {name} {old}, not {new}; use "
                                   "another --output-dir")
+
+
+def fp32(fn):
+    """Decorator for a loss's logits: float32 under --amp. Autocast runs matmuls in bf16 whatever
+    their inputs' dtype, which rounds logits at T 0.1 by ~0.05 and can flip argmax matches."""
+    def cast(v):
+        return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        with torch.autocast("cuda", enabled=False):
+            return fn(*map(cast, args), **{k: cast(v) for k, v in kw.items()})
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------

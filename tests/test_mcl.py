@@ -182,8 +182,18 @@ def test_target_is_a_frozen_copy_without_predictors():
     assert proj[0].weight.shape == (64, 256) and proj[3].weight.shape == (16, 64)
     conv = [m for m in model.online.head if isinstance(m, nn.Conv2d)]
     assert len(conv) == 4 and all(c.kernel_size == (3, 3) and c.bias is None for c in conv)
-    model.momentum_update(0.5)  # BYOL's EMA: parameters only
-    torch.testing.assert_close(model.target.head[0].weight, model.online.head[0].weight)
+    # BYOL's EMA: parameters only. Move the online side first, so that a wrong formula shows.
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(torch.randn_like(p))
+        next(b for n, b in model.online.named_buffers() if n.endswith("running_mean")).add_(1.0)
+    old_t = {k: v.clone() for k, v in model.target.state_dict().items()}
+    on = model.online.state_dict()
+    model.momentum_update(0.9)
+    params = {n for n, _ in model.target.named_parameters()}
+    for k, v in model.target.state_dict().items():
+        expect = 0.9 * old_t[k] + 0.1 * on[k] if k in params else old_t[k]
+        torch.testing.assert_close(v, expect)
 
 
 def test_target_sees_the_montages_unless_level0():
