@@ -141,10 +141,16 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     small = ["--data", "folder", "--data-root", tmp_path / "imgs", "--batch-size", "4",
              "--img-size", "32", "--queue-size", "8", "--epochs", "1", "--workers", "1"]
     p = run_script("moco.py", *small, "--output-dir", tmp_path / "o2", check=False)
+    line = one_error_line(p)  # a broken header: named at dataset build, before any training
+    assert p.returncode == 2 and "not readable images: 3.png" in line
+    # a header that reads but pixels that do not: found when the sampler draws it
+    good = (tmp_path / "imgs" / "4.png").read_bytes()
+    (tmp_path / "imgs" / "3.png").write_bytes(good[:60])
+    p = run_script("moco.py", *small, "--output-dir", tmp_path / "o3", check=False)
     line = one_error_line(p)
     assert p.returncode == 2 and "unreadable image" in line and "3.png" in line
-    p = run_script("moco.py", *small, "--output-dir", tmp_path / "o3", "--skip-bad")
-    assert "unreadable images skipped" in p.stdout and log(tmp_path / "o3")[0]["skipped"] >= 1
+    p = run_script("moco.py", *small, "--output-dir", tmp_path / "o4", "--skip-bad")
+    assert "unreadable images skipped" in p.stdout and log(tmp_path / "o4")[0]["skipped"] >= 1
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
