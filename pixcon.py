@@ -79,20 +79,26 @@ class OverlapViews(cdata.MultiViewDataset):
     def __init__(self, base, size, photometric, seed=0):
         super().__init__(base, [], seed)
         self.size, self.photometric = size, photometric
+        self.photometrics = photometric  # --device-aug (common.augment) reads the descriptions
 
     def augment(self, img, i):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(cdata.sample_seed(self.seed, self.epoch, i))
             boxes = overlapping_crops(img)
-            views, flips = [], []
+            views, flips, photo = [], [], []
             for box, photometric in zip(boxes, self.photometric):
                 v = img.resize((self.size, self.size), Image.BILINEAR, box=box)
                 flips.append(bool(torch.rand(1) < 0.5))
                 if flips[-1]:
                     v = v.transpose(Image.FLIP_LEFT_RIGHT)
-                views.append(cdata.pil_to_uint8(photometric(v)))
-        return {"views": views, "boxes": [torch.tensor(b, dtype=torch.float32) for b in boxes],
-                "flips": flips}
+                if self.device_aug:  # the same draws; the ops run on the device
+                    photo.append(photometric.sample())
+                else:
+                    v = photometric(v)
+                views.append(cdata.pil_to_uint8(v))
+        s = {"views": views, "boxes": [torch.tensor(b, dtype=torch.float32) for b in boxes],
+             "flips": flips}
+        return {**s, "photo": photo} if self.device_aug else s
 
 
 def intersection_boxes(box_a, box_b, flip_a, flip_b):
