@@ -217,14 +217,17 @@ def check_resume_args(path, saved, args, keys):
 
 
 def fp32(fn):
-    """Decorator for a loss's logits: float32 under --amp. Autocast runs matmuls in bf16 whatever
-    their inputs' dtype, which rounds logits at T 0.1 by ~0.05 and can flip argmax matches."""
+    """Decorator for a loss's logits and for every decision (argmax, assignment, matching,
+    k-means): at least float32 under --amp. Autocast (CUDA, or bf16 on the CPU) runs matmuls in
+    bf16 whatever their inputs' dtype, which rounds logits at T 0.1 by ~0.05 and can flip argmax
+    matches. Half-precision inputs (fp16, bf16) are up-cast to float32; float32 and float64 stay
+    as they are, so a float64 caller (a reference test, a gradient check) keeps its precision."""
     def cast(v):
-        return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+        return v.float() if torch.is_tensor(v) and v.dtype in (torch.float16, torch.bfloat16) else v
 
     @functools.wraps(fn)
     def wrapper(*args, **kw):
-        with torch.autocast("cuda", enabled=False):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             return fn(*map(cast, args), **{k: cast(v) for k, v in kw.items()})
     return wrapper
 
