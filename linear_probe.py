@@ -52,7 +52,8 @@ from common import cli
 from common import data as cdata
 from common import train as ctrain
 from common.data import DataError
-from common.knn import accuracy, extract_features, knn_predict, macro_f1, tile_loader
+from common.knn import (accuracy, available_cores, extract_features, knn_predict, macro_f1,
+                         tile_loader)
 from common.models import ARCHS, load_pretrained, resnet
 
 METRICS = ("accuracy", "macro_f1", "knn_accuracy", "knn_macro_f1")
@@ -248,6 +249,8 @@ def main():
     out = Path(args.output_dir)
     ctrain.claim_output_dir(out, "linear_probe")  # another script's run folder is refused
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.workers > available_cores():  # tile_loader caps them; say so once
+        print(f"note: --workers {args.workers} capped at the {available_cores()} available cores")
     train_set, test_set, classes = datasets(args)
     torch.manual_seed(args.seed)  # the weights of --pretrained random
     backbone = resnet(args.arch)

@@ -7,6 +7,7 @@ kNN classifier of InstDisc / DINO, and accuracy / macro F1 without sklearn.
     pred = knn_predict(train_f, train_y, test_f, num_classes)          # k=20, T=0.07, cosine
     accuracy(pred, test_y), macro_f1(pred, test_y, num_classes)        # percent
 """
+import os
 import sys
 
 import torch
@@ -36,10 +37,21 @@ class CentreTiles(torch.utils.data.Dataset):
         return cdata.pil_to_uint8(self.transform(img)), label
 
 
+def available_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one, as
+    DataLoader's own check); a scheduler's cgroup quota is not seen."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def tile_loader(dataset, img_size, batch_size, workers):
     """Batches of (uint8 (B, 3, S, S), labels (B,)) in dataset order; normalise with
     common.data.to_device. Workers ignore SIGTERM like the pre-training loader's, so a monitor
-    running when a job is pre-empted finishes its pass."""
+    running when a job is pre-empted finishes its pass. `workers` is capped at the available
+    cores: more only add start-up time (and DataLoader's warning)."""
+    workers = min(workers, available_cores())
     return torch.utils.data.DataLoader(
         CentreTiles(dataset, img_size), batch_size=batch_size, shuffle=False,
         num_workers=workers, worker_init_fn=cdata.worker_init,

@@ -320,3 +320,19 @@ def test_failed_start_leaves_no_folder(tmp_path):
                    "--img-size", "32", "--workers", "0", "--output-dir", out, check=False)
     assert p.returncode == 2 and "3.png" in p.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_tile_loader_caps_workers_at_the_available_cores(monkeypatch):
+    """--workers 8 on a 2-core machine started 8 workers and DataLoader's warning; the loader
+    asks for no more than the cores this process may run on (here pretended to be 2, then 1)."""
+    import warnings
+
+    import common.knn as knn
+    ds = DemoTiles(4, size=32)
+    for cores in (2, 1):
+        monkeypatch.setattr(knn, "available_cores", lambda: cores)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # DataLoader's "suggested max number of worker"
+            loader = tile_loader(ds, 32, 2, 8)
+        assert loader.num_workers == cores
+    assert tile_loader(ds, 32, 2, 0).num_workers == 0  # fewer than the cores: as asked
