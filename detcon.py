@@ -8,7 +8,8 @@ drawn among those present; their mask-pooled C5 features go through the heads, a
 contrastive loss pulls the same mask of the two views together against every other mask of
 every image of both views (methods.md section 5, D4, D5). S: SimCLR's network, augmentations
 and LARS; B: BYOL's online/target networks, predictor, EMA and asymmetric augmentations.
-Schedules are the NCT recipes of simclr.py / byol.py (200 epochs, batch 1024, per-epoch cosine).
+The recipes are the parents' NCT recipes, read from simclr.py / byol.py (lr, weight decay,
+warm-up; 200 epochs, batch 1024, per-epoch cosine); the released rates are flags (see --lr).
 
     python -m common.masks --data nct --data-root /data/NCT-CRC-HE-100K --mask-cache /data/fh \
         --workers 16                                                        # FH once, offline
@@ -103,7 +104,7 @@ def _direction(a, t_other, t_same, ids_a, ids_o_all, ids_a_all, temperature):
     n_pos = pos.sum(1)
     ce = -(pos * (logits_x - lse[:, None])).sum(1) / n_pos.clamp_min(1)      # soft labels
     dup = (ids_a[:, :, None] == ids_a[:, None, :]).sum(2).flatten()          # draws of this id
-    weight = (n_pos > 0).float() / dup
+    weight = (n_pos > 0).to(ce.dtype) / dup
     best, j = logits_x.max(1)                                                # best candidate
     hit = (best >= logits_s.max(1).values) & pos.gather(1, j[:, None]).squeeze(1)
     return (weight * ce).mean(), (hit & (n_pos > 0)).sum(), (n_pos > 0).sum()
@@ -117,11 +118,13 @@ def detcon_loss(a1, a2, ids1, ids2, temperature, t1=None, t2=None, return_stats=
     in the other view; negatives: every other row of both views on every process (targets
     gathered with gradients, pitfall P3); duplicated ids share the label mass and the weight;
     rows without a positive weigh 0 but count in the mean over N*M rows; the two directions
-    are averaged (so one global mask per image gives simclr.nt_xent). As the official
-    `byol_nce_detcon` with an explicit soft-label cross-entropy (pitfall P8)."""
+    are averaged, so the loss is half the released sum (`byol_nce_detcon`, lightly), and one
+    global mask per image gives exactly simclr.nt_xent (the mean over 2N rows of the
+    OpenSelfSup SimCLR that trained the NCT recipe). The soft-label cross-entropy is explicit
+    (pitfall P8)."""
     t1 = a1 if t1 is None else t1
     t2 = a2 if t2 is None else t2
-    a1, a2, t1, t2 = (F.normalize(x.float(), dim=-1) for x in (a1, a2, t1, t2))
+    a1, a2, t1, t2 = (F.normalize(x, dim=-1) for x in (a1, a2, t1, t2))
     T1, T2 = cdist.gather_with_grad(t1), cdist.gather_with_grad(t2)          # (W N, M, D)
     I1, I2 = cdist.concat_all_gather(ids1), cdist.concat_all_gather(ids2)
     l1, h1, n1 = _direction(a1, T2, T1, ids1, I2, I1, temperature)
@@ -275,17 +278,29 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         run.print(f"FH masks computed by training this epoch: {int(computed)} (0 once cached)")
 
 
-VARIANT_DEFAULTS = {  # lr at global batch 1024, wd, warm-up epochs, projection width
-    "S": dict(lr=0.3 * 1024 / 256, weight_decay=1e-6, warmup_epochs=10, dim=128),
-    "B": dict(lr=0.2 * 1024 / 256, weight_decay=1.5e-6, warmup_epochs=2, dim=256)}
+PARENTS = {"S": simclr, "B": byol}
+INHERITED = ("lr", "weight_decay", "warmup_epochs", "dim")
+RELEASED_LR = {"S": 0.3 * 1024 / 256, "B": 0.2 * 1024 / 256}  # the paper's 0.3 / 0.2 x B/256
+
+
+def variant_defaults(variant):
+    """lr (at global batch 1024), wd, warm-up epochs and projection width of the parent's NCT
+    recipe, read from simclr.py / byol.py themselves so the two cannot drift apart (methods.md
+    5.6: DetCon on NCT reuses its parent's recipe, so the comparison is fair)."""
+    parent = PARENTS[variant].get_args([])
+    assert parent.paper_batch == 1024
+    return {k: getattr(parent, k) for k in INHERITED}
 
 
 def get_args(argv=None):
     p = cli.parser(__doc__)
     ctrain.add_common_args(p, batch_size=1024, lr=0.8, epochs=200, weight_decay=1.5e-6)
-    derived = {"lr": "lr at global batch 1024; default S: 0.3 x 1024/256 = 1.2, B: 0.2 x "
-                     "1024/256 = 0.8 (LARS, official scaling); scaled linearly",
-               "weight_decay": "default S: 1e-6 (SimCLR), B: 1.5e-6 (BYOL)"}
+    S, B = variant_defaults("S"), variant_defaults("B")
+    derived = {"lr": f"lr at global batch 1024, scaled linearly; default the parent's NCT recipe,"
+                     f" S: {S['lr']} (simclr.py), B: {B['lr']} (byol.py). The released rates "
+                     f"(0.3 / 0.2 x B/256): --lr {RELEASED_LR['S']} (S), --lr {RELEASED_LR['B']} (B)",
+               "weight_decay": f"default S: {S['weight_decay']} (simclr.py), B: "
+                               f"{B['weight_decay']} (byol.py)"}
     for action in p._actions:
         if action.dest in derived:
             action.default, action.help = None, derived[action.dest]
@@ -310,9 +325,11 @@ def get_args(argv=None):
     g.add_argument("--hidden-dim", type=cli.positive_int, default=512,
                    help="head hidden width (D5: 512 for ResNet-18; official R50: 2048 S, 4096 B)")
     g.add_argument("--dim", type=cli.positive_int, default=None,
-                   help="projection width; default S: 128 (SimCLR), B: 256 (BYOL)")
+                   help=f"projection width; default S: {S['dim']} (simclr.py), B: {B['dim']} "
+                        "(byol.py)")
     g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=None,
-                   help="linear lr warm-up; default S: 10 (simclr.py), B: 2 (byol.py's NCT recipe)")
+                   help=f"linear lr warm-up; default S: {S['warmup_epochs']} (simclr.py), B: "
+                        f"{B['warmup_epochs']} (byol.py's NCT recipe)")
     g.add_argument("--base-momentum", type=cli.unit_float, default=0.996,
                    help="B: EMA m at step 0, rising to 1 on a cosine of the global step")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as simclr.py / byol.py")
@@ -321,7 +338,7 @@ def get_args(argv=None):
     p.set_defaults(resume_keys=("variant", "masks", "num_masks", "dim", "hidden_dim",
                                 "fh_scale", "fh_min_size", "grid_size"))
     args = p.parse_args(argv)
-    for k, v in VARIANT_DEFAULTS[args.variant].items():
+    for k, v in variant_defaults(args.variant).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.masks == "file" and not args.mask_dir:

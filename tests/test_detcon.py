@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
+import byol
 import detcon
 import simclr
 from common import data as cdata
@@ -260,7 +261,18 @@ def test_tiny_runs(tmp_path, variant, masks, nproc):
     assert np.isfinite(row["loss"]) and row["paired"] > 0 and ("m" in row) == (variant == "B")
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["dim"] == (128 if variant == "S" else 256)
-    assert args["lr"] == pytest.approx(1.2 if variant == "S" else 0.8)
+    assert args["lr"] == (simclr if variant == "S" else byol).get_args([]).lr
+
+
+def test_variant_defaults_are_the_parents_nct_recipes():
+    """methods.md 5.6: DetCon_S trains with simclr.py's recipe, DetCon_B with byol.py's (issue
+    22.1: they were 2x and 4x the parents' lr); the released rates stay one flag away."""
+    for variant, parent in (("S", simclr), ("B", byol)):
+        got, want = detcon.get_args(["--variant", variant]), parent.get_args([])
+        assert got.paper_batch == want.paper_batch == 1024
+        for key in ("lr", "weight_decay", "warmup_epochs", "dim"):
+            assert getattr(got, key) == getattr(want, key), (variant, key)
+    assert detcon.get_args(["--variant", "S", "--lr", "1.2"]).lr == 1.2
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
