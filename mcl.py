@@ -10,7 +10,8 @@ branch, among the whole global batch. Defaults: the appendix (S = 3 levels, weig
 heads 2048 -> 256 with a final BN), on the BYOL NCT scale: batch 256, LARS lr 1.0 x B/256, wd
 1e-5, 10 warm-up epochs, cosine per step, EMA 0.99 -> 1, 200 epochs (methods.md 7, D5, D6).
 `--levels 4` is the released 4-level variant (weights 1/2, 1/4, 1/8, 1/8; level 3 = B/32 montages
-of 64 cells, every image twice). Unlike the released code, the FPN outputs and the head run only
+of 64 cells, every image twice). Head and projector normalise each level on its own (BN over
+that level's windows), as the released neck. Unlike the released code, the FPN outputs run only
 where a level reads them (their BN statistics are then per level, not over every map of every
 image), and `--target-views level0` keeps the montages out of the target (the appendix's cost).
 
@@ -106,7 +107,7 @@ def retrieval_loss(e, z, labels, T):
     """e (n, D) online predictions of n sub-images, z (N, D) L2-normalised targets of the other
     branch's level-0 images from every process, labels (n,) global index of each sub-image's
     image -> (2T x mean cross-entropy of e^.z / T (the released scaling), top-1 in %)."""
-    logits = F.normalize(e.float(), dim=1) @ z.float().T / T                  # (n, N)
+    logits = F.normalize(e, dim=1) @ z.T / T                                  # (n, N)
     return 2 * T * F.cross_entropy(logits, labels), 100 * (logits.argmax(1) == labels).float().mean()
 
 
@@ -163,10 +164,10 @@ class Encoder(nn.Module):
 
     def embed(self, maps):
         """[P_{5-i} of level i's montages (n_i, 256, r*w, r*w)] -> [(n_i * r*r, dim)]: every
-        window its own sample through the head (one batch for all levels) and the projector."""
-        wins = torch.cat([windows(p, 2 ** i) for i, p in enumerate(maps)])  # (sum slots, 256, w, w)
-        e = self.projector(self.head(wins).mean((2, 3)))
-        return list(e.split([m.shape[0] * 4 ** i for i, m in enumerate(maps)]))
+        window its own sample through the head and the projector, one level at a time, so BN
+        normalises each level over its own windows (the released neck, forward_list)."""
+        return [self.projector(self.head(windows(p, 2 ** i)).mean((2, 3)))
+                for i, p in enumerate(maps)]
 
 
 class MCL(nn.Module):

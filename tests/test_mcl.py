@@ -1,5 +1,6 @@
 """MCL's montages, windows, labels and loss against brute force and hand-computed values, and its
 runs end to end (one and two processes, kill and resume, the backbone loading for fine-tuning)."""
+import copy
 import json
 import math
 from collections import OrderedDict
@@ -167,6 +168,23 @@ def test_each_window_is_an_independent_sample():
     assert torch.equal(e2[0], e[0]) and torch.equal(e2[1], e[1])
     moved = (e2[2] - e[2]).abs().amax(1) > 1e-6
     assert moved.nonzero().flatten().tolist() == [1 * 4 + 2]
+
+
+def test_training_mode_bn_normalises_each_level_on_its_own():
+    """Issue 22.3: the released neck (forward_list) runs head and projector per FPN map, so BN
+    statistics come from one level's windows; one batch of all levels differed by ~50%."""
+    torch.manual_seed(7)
+    enc = mcl.Encoder("resnet18", 3, hidden_dim=32, dim=16).train()
+    w = 2
+    maps = [torch.randn(8, 256, w, w), 2 + torch.randn(2, 256, 2 * w, 2 * w),
+            -1 + 3 * torch.randn(1, 256, 4 * w, 4 * w)]  # levels with different statistics
+    ref = copy.deepcopy(enc)
+    with torch.no_grad():
+        e = enc.embed(maps)
+        for i, p in enumerate(maps):  # reference: one level through a fresh copy at a time
+            wins = mcl.windows(p, 2 ** i)
+            alone = ref.projector(ref.head(wins).mean((2, 3)))
+            torch.testing.assert_close(e[i], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_target_is_a_frozen_copy_without_predictors():
