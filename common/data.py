@@ -10,9 +10,11 @@ ops are described per view by common.augment.Photometric and run here, per image
 --device-aug batched on the training device from parameters drawn here.
 """
 import atexit
+import json
 import multiprocessing
 import signal
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +104,7 @@ def check_headers(paths, skip_bad=False, root=None):
     training, so that a bad file is named now and not at whatever hour the sampler draws it.
     -> (readable paths, names of the unreadable ones). Unreadable files: one DataError naming
     them all, or with skip_bad a note naming the first ten, and they are left out."""
-    from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
-    with ThreadPoolExecutor(16) as pool:
-        errors = list(tqdm(pool.map(_header_error, paths, chunksize=64), total=len(paths),
-                           desc="checking image headers", disable=len(paths) < 5000,
-                           leave=False, file=sys.stdout))
+    errors = _node_header_errors(paths)
     bad = [str(Path(p).relative_to(root)) if root else str(p)
            for p, e in zip(paths, errors) if e is not None]
     if not bad:
@@ -122,6 +119,29 @@ def check_headers(paths, skip_bad=False, root=None):
     if cdist.get_rank() == 0:
         print(f"--skip-bad: left out {len(bad)} unreadable files{where}: {shown}", flush=True)
     return [p for p, e in zip(paths, errors) if e is None], bad
+
+
+def _node_header_errors(paths):
+    """_header_error of every path, read once per node: local rank 0 opens the files and every
+    rank takes its node's answer (collective: every rank builds the same dataset). Each node
+    reads its own copy, so node-local data copies are checked too."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    local = int(os.environ.get("LOCAL_RANK", "0")) if cdist.is_dist() else 0
+    errors = [None] * len(paths)
+    if local == 0:
+        with ThreadPoolExecutor(16) as pool:
+            errors = list(tqdm(pool.map(_header_error, paths, chunksize=64), total=len(paths),
+                               desc="checking image headers", disable=len(paths) < 5000,
+                               leave=False, file=sys.stdout))
+    if cdist.is_dist():
+        found = [None] * cdist.get_world_size()
+        torch.distributed.all_gather_object(
+            found, {i: e for i, e in enumerate(errors) if e is not None} if local == 0 else None)
+        node = found[cdist.get_rank() - local]  # torchrun numbers a node's ranks contiguously
+        errors = [node.get(i) for i in range(len(paths))]
+    return errors
 
 
 def find_images(root):
@@ -214,8 +234,142 @@ def folder_dataset(root, skip_bad=False):
     return ImageList(paths, labels, classes, skip_bad, left_out=bad)
 
 
+# ---------------------------------------------------------------------------------------------
+# A tile store: every tile decoded once (python -m common.store) into one uint8 memory-mapped
+# array (N, H, W, 3) `tiles.u8` beside `index.json` (paths relative to the source root, labels,
+# classes, each source file's size and mtime, each tile's CRC-32, the command that packed it).
+
+STORE_VERSION = 1
+
+
+def store_command(index_or_root):
+    """The command that (re)packs a store: the one recorded in its index, else a template."""
+    cmd = index_or_root.get("command") if isinstance(index_or_root, dict) else None
+    return cmd or f"python -m common.store --data nct --data-root DIR --out {index_or_root}"
+
+
+def read_store_index(path):
+    """A finished store's index (dict), checked against its tiles file's size; DataError naming
+    what to rerun for a missing, unfinished, unreadable or truncated store."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    if not path.is_dir():
+        if partial.is_dir():
+            try:
+                cmd = json.loads((partial / "plan.json").read_text())["command"]
+            except (OSError, ValueError, KeyError):
+                cmd = store_command(path)
+            raise DataError(f"--data-store {path} is not finished ({partial} holds a pack in "
+                            f"progress); rerun to complete it: {cmd}")
+        raise DataError(f"--data-store {path} does not exist; pack it first: {store_command(path)}")
+    try:
+        index = json.loads((path / "index.json").read_text())
+        if index.get("version") != STORE_VERSION:
+            raise ValueError(f"format version {index.get('version')}, expected {STORE_VERSION}")
+        n, h, w = index["count"], index["height"], index["width"]
+        for key in ("paths", "labels", "crc32", "file_sizes", "file_mtimes_ns"):
+            if len(index[key]) != n:
+                raise ValueError(f"{len(index[key])} {key} for {n} tiles")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--data-store {path}: unreadable index.json ({e}); delete {path} and "
+                        f"pack it again: {store_command(path)}") from None
+    size = (path / "tiles.u8").stat().st_size if (path / "tiles.u8").exists() else 0
+    if size != n * h * w * 3:
+        raise DataError(f"--data-store {path} is truncated: tiles.u8 has {size} bytes, {n} tiles "
+                        f"of {w}x{h} need {n * h * w * 3}; delete {path} and pack it again: "
+                        f"{store_command(index)}")
+    return index
+
+
+class StoreTiles(torch.utils.data.Dataset):
+    """(PIL RGB image, label) items read from a tile store, as ImageList reads them from the
+    files: the same pixels (lossless formats), so the same views. `tile(i)` is the uint8
+    (H, W, 3) array itself (a view of the memory map: --device-crop gathers these). Opening
+    checks the index, the file's size, the CRC of 17 tiles spread over the store and, when the
+    source folder is there, every source file's size and mtime (a stale store is named)."""
+
+    def __init__(self, path, check_sources=True):
+        self.path = Path(path)
+        index = read_store_index(self.path)
+        self.index, self.command = index, store_command(index)
+        self.root = Path(index["root"])
+        self.paths = [str(self.root / p) for p in index["paths"]]
+        self.targets, self.classes = list(index["labels"]), list(index["classes"])
+        self.left_out = list(index.get("left_out", []))
+        self.shape = (index["count"], index["height"], index["width"], 3)
+        self._tiles, self.device_crop = None, False
+        n = len(self)
+        for i in sorted({k * (n - 1) // 16 for k in range(17)}) if n else []:
+            if zlib.crc32(self.tile(i).tobytes()) != index["crc32"][i]:
+                raise DataError(f"--data-store {self.path} is corrupt: tile {i} "
+                                f"({index['paths'][i]}) does not match its CRC; delete "
+                                f"{self.path} and pack it again: {self.command}")
+        if check_sources and self.root.is_dir():
+            self._check_sources()
+
+    def _check_sources(self):
+        changed = []
+        for rel, size, mtime in zip(self.index["paths"], self.index["file_sizes"],
+                                    self.index["file_mtimes_ns"]):
+            try:
+                st = (self.root / rel).stat()
+                if st.st_size != size or st.st_mtime_ns != mtime:
+                    changed.append(rel)
+            except OSError:
+                changed.append(rel)
+        if changed:
+            raise DataError(f"--data-store {self.path} is stale: {len(changed)} of {len(self)} "
+                            f"source files under {self.root} changed or went since packing "
+                            f"(e.g. {changed[0]}); delete {self.path} and pack it again: "
+                            f"{self.command}")
+
+    @property
+    def tiles(self):
+        if self._tiles is None:  # opened in each process (a memmap must not be pickled)
+            self._tiles = np.memmap(self.path / "tiles.u8", np.uint8, "r", shape=self.shape)
+        return self._tiles
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tiles": None}
+
+    def __len__(self):
+        return self.shape[0]
+
+    def tile(self, i):
+        return self.tiles[i]
+
+    def load(self, i):
+        return Image.fromarray(np.asarray(self.tile(i)), "RGB"), self.targets[i], 0
+
+    def __getitem__(self, i):
+        return self.load(i)[:2]
+
+
+def store_dataset(args):
+    """--data-store: the store's tiles; --data, --data-root and --train-list become the store's
+    (given ones must agree), --device-crop switches on --device-aug."""
+    ds = StoreTiles(args.data_store)
+    index = ds.index
+    for flag, attr, value in (("--data-root", "data_root", index["root"]),
+                              ("--train-list", "train_list", index.get("train_list"))):
+        given = getattr(args, attr, None)
+        if given and (not value or Path(given).resolve() != Path(value).resolve()):
+            raise DataError(f"{flag} {given} differs from the one --data-store {args.data_store} "
+                            f"was packed from ({value}); drop {flag} or pack another store")
+        setattr(args, attr, value)
+    args.data = index["data"]
+    if getattr(args, "device_crop", False):  # read by common.augment.DeviceAugment
+        args.device_aug = ds.device_crop = True
+    return ds
+
+
 def build_dataset(args):
     """The (image, label) dataset the flags name; DataError with one clear line otherwise."""
+    if getattr(args, "data_store", None):
+        return store_dataset(args)
+    if getattr(args, "device_crop", False):
+        raise DataError("--device-crop needs --data-store STORE (pack one with "
+                        "python -m common.store --data ... --out STORE)")
     if args.data == "demo":
         from common.demo import DemoTiles
         return DemoTiles(n=args.demo_size, seed=args.seed)
@@ -242,6 +396,15 @@ def add_data_args(parser):
     g.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images (counted in the log) instead of stopping")
     g.add_argument("--demo-size", type=positive_int, default=480, help="number of --data demo tiles")
+    g.add_argument("--data-store", metavar="STORE",
+                   help="train from a tile store packed once by `python -m common.store` (every "
+                        "tile decoded into one uint8 memory-mapped array): --data, --data-root "
+                        "and --train-list are read from it; the views are the same")
+    g.add_argument("--device-crop", action="store_true",
+                   help="with --data-store: the loader only gathers uint8 tiles and draws the "
+                        "views' parameters (the same numbers); crop, resize (Pillow's filter "
+                        "weights, common.crop), flip and the photometric ops run on the training "
+                        "device. Implies --device-aug")
     g.add_argument("--workers", type=nonneg_int, default=8,
                    help="data loader processes per training process (GPU); 0 = load in the "
                         "training process")
@@ -328,6 +491,19 @@ class View:
             out = ph(out)
         return pil_to_uint8(out), torch.tensor(box, dtype=torch.float32), flip, params
 
+    def draw_params(self, img):
+        """draw()'s random numbers without its pixels (--device-crop: common.crop does the crop
+        on the device): -> (box, flipped, photometric parameters or None). img: anything
+        torchvision reads a size from (a (3, H, W) tensor, expanded from one element, will do).
+        The same calls in the same order as draw(), so the same numbers."""
+        if self.geometric is not None:
+            raise DataError(f"--device-crop: this view has further geometric ops "
+                            f"({self.geometric}) that run on PIL; run without --device-crop")
+        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        flip = bool(torch.rand(1) < self.flip_p)
+        params = self.photometric.sample() if hasattr(self.photometric, "sample") else None
+        return torch.tensor((left, top, left + w, top + h), dtype=torch.float32), flip, params
+
     def __repr__(self):
         return (f"View(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
                 f"flip_p={self.flip_p}, geometric={self.geometric}, "
@@ -352,6 +528,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def __init__(self, base, views, seed=0):
         self.base, self.views, self.seed, self.epoch = base, list(views), seed, 0
         self.device_aug = False
+        self.device_crop = False  # --device-crop (set by common.augment.DeviceAugment)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -360,6 +537,12 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
+        if self.device_crop:  # the tile as stored and the views' numbers; pixels on the device
+            tile = self.base.tile(i)
+            sample = self.draw_params(tile.shape[:2], i)
+            sample.update(tile=torch.from_numpy(np.array(tile)), label=self.base.targets[i],
+                          index=i, skipped=0)
+            return sample
         if hasattr(self.base, "load"):
             img, label, skipped = self.base.load(i)
         else:
@@ -378,11 +561,21 @@ class MultiViewDataset(torch.utils.data.Dataset):
             out = [v.draw(img, apply_photometric=not self.device_aug) for v in self.views]
         sample = {"views": [o[0] for o in out], "boxes": [o[1] for o in out],
                   "flips": [o[2] for o in out]}
-        if self.device_aug:
-            from common.augment import P
-            sample["photo"] = [o[3] if o[3] is not None else torch.zeros(P, dtype=torch.float64)
+        if self.device_aug:  # views without photometric ops: an empty vector
+            sample["photo"] = [o[3] if o[3] is not None else torch.zeros(0, dtype=torch.float64)
                                for o in out]
         return sample
+
+    def draw_params(self, size, i):
+        """--device-crop: augment()'s random numbers for an image of `size` (H, W), drawn
+        exactly as augment() draws them, without pixels: {"boxes", "flips", "photo"}."""
+        stub = torch.empty(1, dtype=torch.uint8).expand(3, *size)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
+            out = [v.draw_params(stub) for v in self.views]
+        return {"boxes": [o[0] for o in out], "flips": [o[1] for o in out],
+                "photo": [o[2] if o[2] is not None else torch.zeros(0, dtype=torch.float64)
+                          for o in out]}
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -421,17 +614,101 @@ def _kill_workers():
             p.kill()
 
 
+class _EpochTagged(torch.utils.data.Sampler):
+    """Yields (epoch, index) for the sampler's indices: persistent workers (forked once) learn
+    each epoch from the indices they are sent, so per-sample seeding stays (seed, epoch, index)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class _EpochDataset(torch.utils.data.Dataset):
+    """The dataset as the workers see it: an (epoch, index) key sets the epoch of the worker's
+    copy (its set_epoch), then draws the sample. `inner` is the dataset itself."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if getattr(self.inner, "epoch", None) != epoch:
+            self.inner.set_epoch(epoch)
+        return self.inner[i]
+
+
+PREFETCH = 4  # batches in flight per loader worker
+
+
+def _shm_free():
+    import shutil
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None  # no /dev/shm (macOS, ...): nothing to check
+
+
+def _nbytes(x):
+    if torch.is_tensor(x):
+        return x.nbytes
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 8  # numbers: collated into 8-byte tensors
+
+
+def check_shm(dataset, batch_size, workers):
+    """Worker batches travel through /dev/shm: workers x PREFETCH batches per process, times the
+    processes on this node. A container's default 64 MB /dev/shm refuses them with an obscure
+    bus error mid-epoch; say now, in one line, what to do. The sample size is one sample drawn
+    here (index 0)."""
+    import math
+    import os
+    free = _shm_free()
+    if workers == 0 or free is None:
+        return
+    try:
+        sample = dataset[0]
+    except Exception:  # noqa: BLE001 - a bad sample is reported by the loader, with its name
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = local * workers * PREFETCH * batch_size * _nbytes(sample)
+    if need > free:
+        gib = max(1, math.ceil(2 * need / 2**30))
+        raise DataError(
+            f"/dev/shm has {free / 2**20:.0f} MiB free, but {local} process(es) x --workers "
+            f"{workers} x {PREFETCH} batches of {batch_size} in flight need ~{need / 2**20:.0f} "
+            f"MiB: give the container more shared memory (docker run --shm-size={gib}g; "
+            "Kubernetes: an emptyDir with medium Memory on /dev/shm) or lower --workers")
+
+
 def pretrain_loader(dataset, batch_size, workers, seed, device):
+    """(loader, sampler): the sampler's epoch and start (ResumableSampler) choose the batches;
+    workers stay alive across epochs (persistent) and get the epoch with every index."""
     world, rank = cdist.get_world_size(), cdist.get_rank()
     if len(dataset) < batch_size * world:
         raise DataError(f"{len(dataset)} images are fewer than one global batch "
                         f"({world} x {batch_size}); lower --batch-size")
+    check_shm(dataset, batch_size, workers)
     sampler = ResumableSampler(dataset, world, rank, seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
-        worker_init_fn=worker_init,
-        prefetch_factor=4 if workers > 0 else None)
+        _EpochDataset(dataset), batch_size=batch_size, sampler=_EpochTagged(sampler),
+        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=workers > 0, worker_init_fn=worker_init,
+        prefetch_factor=PREFETCH if workers > 0 else None)
     return loader, sampler
 
 

@@ -53,15 +53,28 @@ def concat_all_gather(x):
     """(N, ...) on every rank -> (world * N, ...), rank order. No gradient flows back."""
     if not is_dist():
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
+    x, out = _gather_buffers(x)
+    dist.all_gather(out, x)
     return torch.cat(out)
 
 
+def _gather_buffers(x):
+    """x made contiguous and world-size outputs of the same (contiguous) layout. NCCL copies raw
+    memory into the outputs: outputs allocated like a channels_last x (empty_like) but filled
+    from x.contiguous() would permute the data without an error (pytorch issue 163483)."""
+    x = x.contiguous()
+    return x, [torch.empty(x.shape, dtype=x.dtype, device=x.device)
+               for _ in range(dist.get_world_size())]
+
+
 def all_reduce(x, op="sum"):
-    """In-place all-reduce of a tensor ("sum" or "max"); identity at world size 1."""
+    """In-place all-reduce of a tensor ("sum" or "max"); identity at world size 1. A
+    non-contiguous x is reduced through a contiguous copy (the ranks' layouts could differ)."""
     if is_dist():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        buf = x if x.is_contiguous() else x.contiguous()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        if buf is not x:
+            x.copy_(buf)
     return x
 
 
@@ -99,8 +112,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
+        x, out = _gather_buffers(x)
+        dist.all_gather(out, x)
         return torch.cat(out)
 
     @staticmethod

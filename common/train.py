@@ -49,6 +49,14 @@ def claim_output_dir(out, script):
         raise cdata.DataError(f"{out} holds a {owner} run; choose another --output-dir")
 
 
+def check_output_dir(out):
+    """--output-dir must be a folder or not exist yet (one line, not a FileExistsError)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise cdata.DataError(f"--output-dir {out} is a file, not a folder; choose another "
+                              "--output-dir")
+
+
 def make_run_folder(out):
     """mkdir the run folder; if this call created it, a failed start removes it again
     (main_guard), so no empty folder is left behind."""
@@ -56,7 +64,12 @@ def make_run_folder(out):
     out = Path(out)
     if not out.exists():
         _new_run_folder = out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _new_run_folder = None
+        raise cdata.DataError(f"cannot create --output-dir {out} ({e.strerror or e}); choose "
+                              "a folder you can write to") from None
 
 
 def remove_if_empty(folder):
@@ -92,7 +105,11 @@ def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
                         "the ConCL paper's NCT recipes; torchvision = its fan_out default "
                         "(official MoCo / SimCLR-PyTorch code)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="seeds init, augmentation, sampling")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast; on the CPU too (slow there: the CUDA path's twin, for tests)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="channels_last images and model on the CPU too (always on with CUDA; the "
+                        "CPU switch is the CUDA path's twin, for tests)")
     g.add_argument("--device-aug", action="store_true",
                    help="photometric ops (jitter, grey, blur, solarize) batched on the training "
                         "device, each sample with the parameters its loader worker drew; the "
@@ -108,14 +125,21 @@ def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
                    help="monitor bank size (queries: a third as many); demo: 180")
     # For tests of pre-emption: behave as if SIGTERM arrived during this run's N-th step.
     g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    # For tests of the out-of-memory line: raise torch.OutOfMemoryError at this run's N-th step,
+    # as if on a GPU of G GiB ("N,G").
+    g.add_argument("--simulate-oom", default=None, help=argparse.SUPPRESS)
     parser.set_defaults(paper_batch=batch_size)
     return g
 
 
 class Run:
-    """Per-run context: ranks, device, output folder, pre-emption flag, RNG per step."""
+    """Per-run context: ranks, device, output folder, pre-emption flag, RNG per step.
 
-    def __init__(self, args, script):
+    cudnn_benchmark: cuDNN autotuning, worth it for fixed shapes (pre-training); the fine-tuner
+    turns it off (as Detectron2), since its shapes change every iteration and each new shape
+    would be tuned again."""
+
+    def __init__(self, args, script, cudnn_benchmark=True):
         self.rank, self.world, self.local_rank, self.device = cdist.init_distributed()
         self.main = self.rank == 0
         self.cuda = self.device.type == "cuda"
@@ -128,43 +152,98 @@ class Run:
         self.global_batch = args.batch_size * self.world
         args.scaled_lr = args.lr * self.global_batch / args.paper_batch
         self.args, self.out = args, Path(args.output_dir)
-        if args.amp and not self.cuda:
-            self.print("note: --amp is CUDA-only; training in fp32 on the CPU")
-        self.amp = args.amp and self.cuda
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
+        self.amp = bool(getattr(args, "amp", False))  # bf16 autocast on CUDA and on the CPU
+        self.channels_last = self.cuda or bool(getattr(args, "channels_last", False))
+        if self.amp and not self.cuda:
+            self.print("note: --amp on the CPU: bf16 autocast (slow; the CUDA path's twin)")
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)  # only cuDNN reads it
         args.script = script
+        check_output_dir(self.out)
         claim_output_dir(self.out, script)
         if self.main:
             make_run_folder(self.out)
+        self._probe_output_dir()
         self.stop_signal, self.steps_this_run, self.in_loop = None, 0, False
+        self._signal_time, self._leaving = 0.0, False
+        self.views_per_sample = None  # set by the Trainer from the first batch (OOM estimate)
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
         torch.manual_seed(cdata.sample_seed(args.seed, 2**31))  # model init: same on every rank
+        global _run
+        _run = self
+
+    def _probe_output_dir(self):
+        """Rank 0 writes a token into the run folder and every rank reads it back: a folder that
+        cannot be written, or that is not the same folder on every node (node-local storage:
+        checkpoints written by rank 0 would be missing on the other nodes at a resume, which
+        would then restart elsewhere and hang), is refused now with one line."""
+        probe, token, err = self.out / ".probe", f"{os.getpid()}-{time.time_ns()}", None
+        if self.main:
+            try:
+                probe.write_text(token)
+            except OSError as e:
+                err = (f"cannot write into --output-dir {self.out} ({e.strerror or e}); choose "
+                       "a folder you can write to")
+        if self.world > 1:
+            shared = [token, err]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            token, err = shared
+        if err:
+            raise cdata.DataError(err)
+        try:
+            seen = probe.read_text() == token
+        except OSError:
+            seen = False
+        missing = torch.tensor([float(not seen)], device=self.device)
+        cdist.all_reduce(missing, "max")
+        cdist.barrier()
+        if self.main:
+            probe.unlink(missing_ok=True)
+        if missing.item():
+            raise cdata.DataError(
+                f"--output-dir {self.out} is not the same folder on every node (a rank does not "
+                "see what rank 0 wrote there): put it on storage every node sees (a shared file "
+                "system), since checkpoints, resume and logs need one folder")
 
     def _on_signal(self, signum, frame):
+        """The first SIGTERM / SIGINT: stop after the current step on every rank (agree()).
+        Repeats are the same stop: a scheduler (SLURM) signals every process of the job and
+        torchrun's agent forwards the signal once more, so a rank sees it twice within
+        milliseconds. Only a second Ctrl-C from the terminal (SIGINT, more than a second after
+        the first signal) aborts at once."""
         if not self.in_loop:  # nothing to save yet (or already saved): leave now
-            sys.exit(128 + signum)
-        if self.stop_signal is not None:  # second Ctrl-C: leave now
+            if not self._leaving:
+                self._leaving = True
+                sys.exit(128 + signum)
+            return
+        now = time.monotonic()
+        if self.stop_signal is None:
+            self.stop_signal, self._signal_time = signum, now
+            self.print(f"\n{signal.Signals(signum).name}: checkpointing after this step "
+                       "(a second Ctrl-C aborts at once)")
+        elif signum == signal.SIGINT and now - self._signal_time > 1.0:
             raise KeyboardInterrupt
-        self.stop_signal = signum
-        self.print(f"\n{signal.Signals(signum).name}: checkpointing after this step "
-                   "(send again to abort at once)")
 
     def print(self, *a, **kw):
         if self.main:
             print(*a, **kw, flush=True)
 
-    def agree(self, loss):
-        """Before backward, every rank: (is the loss non-finite anywhere, stop after this step?)
-        -- a signal arrived, or --stop-after-steps (tests of pre-emption) is reached."""
+    def agree(self, loss, parts=None):
+        """Before backward, every rank: (is the loss non-finite anywhere, stop after this step?,
+        this rank's loss parts as Python floats) -- a signal arrived, or --stop-after-steps
+        (tests of pre-emption) is reached. The flags and the parts come to the host in one
+        transfer: the step's only device-to-host synchronisation."""
         stop = self.stop_signal is not None or (
             self.args.stop_after_steps is not None
             and self.steps_this_run + 1 >= self.args.stop_after_steps)
-        flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop)],
-                             device=self.device)
+        flags = torch.stack([(~torch.isfinite(loss.detach())).any().to(torch.float64),
+                             torch.tensor(float(stop), dtype=torch.float64, device=loss.device)])
+        flags = flags.to(self.device)
         cdist.all_reduce(flags, "max")
-        return bool(flags[0]), bool(flags[1])
+        keys = [k for k, v in (parts or {}).items() if torch.is_tensor(v)]
+        values = torch.cat([flags] + [parts[k].detach().to(self.device, torch.float64).reshape(1)
+                                      for k in keys]).tolist()
+        return bool(values[0]), bool(values[1]), {k: (parts[k], v) for k, v in zip(keys, values[2:])}
 
     def leave(self, where):
         """After the checkpoint of a stopped run: say so and exit (143 SIGTERM, 130 SIGINT)."""
@@ -176,30 +255,49 @@ class Run:
         sys.exit(143 if self.stop_signal == signal.SIGTERM else 130 if self.stop_signal else 0)
 
     def autocast(self):
+        """bf16 autocast under --amp, on the run's device type (CUDA, or the CPU twin)."""
         if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def images(self, x):
-        return cdata.to_device(x, self.device, channels_last=self.cuda)
+        return cdata.to_device(x, self.device, channels_last=self.channels_last)
 
     def sync_bn(self, model):
         """Cross-process BN for the methods whose recipe uses it (SimCLR, BYOL, DetCon, ...).
-        nn.SyncBatchNorm exists only for CUDA; on one process plain BN already sees the whole
-        batch, and on CPU (tests) per-process BN is the best there is."""
+        nn.SyncBatchNorm runs only on CUDA; on one process plain BN already sees the whole
+        batch, and on CPU (tests) per-process BN is the best there is. The conversion itself
+        (convert_sync_bn) is tested on CPU modules."""
         if self.cuda and self.world > 1:
-            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return convert_sync_bn(model)
         return model
 
     def wrap(self, model):
         """DDP over the processes (identity at world size 1). Buffers such as queues are kept
         identical by construction, so they are not re-broadcast every step."""
-        if self.cuda:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.world == 1:
             return model
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False)
+
+
+def convert_sync_bn(module):
+    """Every BatchNorm in `module` -> nn.SyncBatchNorm with its state, in place of the old
+    module (same names, so parameter order and EMA pairs are unchanged). Split BN
+    (common.models, e.g. BYOL's per-group head BN) keeps its groups: converting it would
+    normalise over the whole global batch instead."""
+    from common.models import SplitBatchNorm1d, SplitBatchNorm2d
+    if isinstance(module, (SplitBatchNorm1d, SplitBatchNorm2d)):
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        new = convert_sync_bn(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
 
 
 def check_resume_args(path, saved, args, keys):
@@ -312,11 +410,17 @@ def atomic_write_text(path, text):
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, fsync, rename: a crash leaves the old file."""
     tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a second Ctrl-C, a full disk, ...: the old file stays as it was
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, KeyboardInterrupt):
+            e.checkpoint_write = Path(path)  # main_guard says so in one line
+        raise
 
 
 def unwrap(model):
@@ -430,21 +534,27 @@ class Trainer:
         self.run, self.model, self.optimizer = run, model, optimizer
         self.loader, self.sampler, self.backbone = loader, sampler, backbone
         self.extra_log = extra_log or {}
-        left_out = getattr(getattr(loader.dataset, "base", None), "left_out", None)
+        # the views dataset (pretrain_loader hands the workers an epoch-tagging wrapper of it)
+        self.dataset = getattr(loader.dataset, "inner", loader.dataset)
+        left_out = getattr(getattr(self.dataset, "base", None), "left_out", None)
         if left_out:  # --skip-bad left unreadable files out of the dataset: say so in every line
             self.extra_log = {**self.extra_log, "unreadable_left_out": len(left_out),
                               "unreadable_examples": left_out[:10]}
         self.steps_per_epoch = len(sampler) // loader.batch_size
         self.epoch, self.step, self.sums, self.history = 0, 0, {}, []
+        self._checked = {}  # the step's loss parts as floats, from check()'s one transfer
         self.ckpt_path = run.out / "checkpoint.pth"
-        self.monitor = KNNMonitor.build(run, getattr(loader.dataset, "base", loader.dataset))
+        self.monitor = KNNMonitor.build(run, getattr(self.dataset, "base", self.dataset))
         self.device_aug = None
-        if getattr(run.args, "device_aug", False):  # before the workers fork (each epoch)
+        if getattr(run.args, "device_aug", False):  # before the workers fork (first epoch)
             from common.augment import DeviceAugment
-            self.device_aug = DeviceAugment(loader.dataset, run.device)
+            self.device_aug = DeviceAugment(self.dataset, run.device)
         self._resume()
+        self._agree_on_resume()
         if run.main:  # now that the script has derived everything (scaled lr, BN groups, ...)
             atomic_write_text(run.out / "args.json", json.dumps(vars(run.args), indent=2, default=str))
+            if not self.ckpt_path.exists():  # a start that fails before the first checkpoint
+                _unfinished_start.append(run.out / "args.json")  # takes it away (main_guard)
 
     # -- resume ---------------------------------------------------------------------------------
     def _resume(self):
@@ -456,10 +566,22 @@ class Trainer:
         except Exception as e:
             raise cdata.DataError(f"cannot read {self.ckpt_path} ({e}); move it away to start "
                                   "afresh") from None
+        owner = ck.get("script", ck.get("args", {}).get("script")) if isinstance(ck, dict) else None
+        if owner is None:
+            run.print(f"note: {self.ckpt_path} does not record which script wrote it (an older "
+                      f"version); resuming it as {args.script}.py")
+        elif owner != args.script:
+            raise cdata.DataError(f"{self.ckpt_path} was written by {owner}.py, not "
+                                  f"{args.script}.py; choose another --output-dir")
         check_resume_args(self.ckpt_path, ck["args"], args, ("arch", "img_size", "epochs", "seed")
                           + tuple(getattr(args, "resume_keys", ())))
-        unwrap(self.model).load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            unwrap(self.model).load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise cdata.DataError(f"{self.ckpt_path} does not fit this model "
+                                  f"({str(e).strip().splitlines()[0]}); choose another "
+                                  "--output-dir") from None
         self.epoch, self.step, self.history = ck["epoch"], ck["step"], ck["history"]
         sums = ck["sums"]  # one dict per rank (older checkpoints: rank 0's dict)
         self.sums = dict(sums[run.rank] if isinstance(sums, list) and len(sums) == run.world
@@ -473,6 +595,18 @@ class Trainer:
                                                              for h in self.history))
         run.print(f"resumed from {self.ckpt_path}: epoch {self.epoch}, step {self.step}")
 
+    def _agree_on_resume(self):
+        """Every rank resumes from the same point, or none starts (a stale view of the folder on
+        some node would otherwise restart it elsewhere, and the step counts would diverge)."""
+        if self.run.world == 1:
+            return
+        seen = [None] * self.run.world
+        torch.distributed.all_gather_object(seen, (self.epoch, self.step))
+        if len(set(seen)) > 1:
+            where = ", ".join(f"rank {r}: epoch {e} step {s}" for r, (e, s) in enumerate(seen))
+            raise cdata.DataError(f"the ranks see different checkpoints in {self.run.out} "
+                                  f"({where}): put --output-dir on storage every node sees")
+
     def save(self):
         # every rank's partial sums of the epoch, so a mid-epoch resume logs the same line
         sums = [self.sums]
@@ -484,7 +618,8 @@ class Trainer:
                          "optimizer": self.optimizer.state_dict(),
                          "epoch": self.epoch, "step": self.step, "sums": sums,
                          "history": self.history, "global_batch": self.run.global_batch,
-                         "args": vars(self.run.args)}, self.ckpt_path)
+                         "script": self.run.args.script, "args": vars(self.run.args)},
+                        self.ckpt_path)
         cdist.barrier()
 
     # -- loop -----------------------------------------------------------------------------------
@@ -503,7 +638,7 @@ class Trainer:
         run, args = self.run, self.run.args
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(self.step * self.loader.batch_size)
-        self.loader.dataset.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)  # main process; the workers get it with each index
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, disable=not run.main,
                    desc=f"epoch {epoch}", dynamic_ncols=True, leave=False, file=sys.stdout)
         t_end = time.perf_counter()
@@ -512,8 +647,13 @@ class Trainer:
             t_data = time.perf_counter() - t_end
             if self.device_aug is not None:  # --device-aug: the photometric ops, batched
                 batch["views"] = self.device_aug(batch)
+            if run.views_per_sample is None and isinstance(batch, dict) and "views" in batch:
+                run.views_per_sample = len(batch["views"])
+            oom = getattr(args, "simulate_oom", None)
+            if oom and run.steps_this_run + 1 == int(oom.split(",")[0]):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated by --simulate-oom)")
             torch.manual_seed(cdata.sample_seed(args.seed, epoch, self.step, run.rank))
-            self._stop_now = False
+            self._stop_now, self._checked = False, {}
             yield self.step, batch
             self.step += 1
             run.steps_this_run += 1
@@ -532,7 +672,7 @@ class Trainer:
 
     def check(self, loss, parts):
         """Before backward: agree across ranks on a non-finite loss and on pre-emption."""
-        nonfinite, self._stop_now = self.run.agree(loss)
+        nonfinite, self._stop_now, self._checked = self.run.agree(loss, parts)
         if nonfinite:
             shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
             raise NonFiniteLoss(f"non-finite loss at epoch {self.epoch} step {self.step} ({shown});"
@@ -546,8 +686,15 @@ class Trainer:
         optimizer.step()
 
     def update(self, parts, lr):
-        """After the optimiser step: accumulate this step's numbers (python floats)."""
-        self._add({**{k: float(v) for k, v in parts.items()}, "lr": lr})
+        """After the optimiser step: accumulate this step's numbers (python floats). The parts
+        check() saw came to the host with its flags; any other tensors come in one transfer."""
+        def known(k, v):
+            return k in self._checked and self._checked[k][0] is v
+        rest = [k for k, v in parts.items() if torch.is_tensor(v) and not known(k, v)]
+        fetched = dict(zip(rest, torch.stack([parts[k].detach().to(torch.float64).reshape(())
+                                              for k in rest]).tolist())) if rest else {}
+        self._add({**{k: self._checked[k][1] if known(k, v) else fetched[k] if k in fetched
+                      else float(v) for k, v in parts.items()}, "lr": lr})
 
     def _add(self, values, sum_only=False):
         if not sum_only:
@@ -590,6 +737,8 @@ class Trainer:
 
 
 _new_run_folder = None  # the output folder this process created, if it did
+_unfinished_start = []  # files of a start that has no checkpoint yet (args.json)
+_run = None  # the Run of this process, for the out-of-memory line
 
 
 def main_guard(main):
@@ -600,20 +749,84 @@ def main_guard(main):
         main()
     except (cdata.DataError, NonFiniteLoss) as e:
         _fail(e, 2 if isinstance(e, cdata.DataError) else 1)
+    except torch.OutOfMemoryError:
+        _fail(oom_message(_run), 1)
+    except KeyboardInterrupt as e:  # a second Ctrl-C
+        _fail(interrupt_message(e), 130)
     except Exception as e:  # noqa: BLE001 - a loader worker's DataError may come back re-wrapped
         if "DataError:" not in str(e):
+            _forget_unfinished_start()
             raise
         _fail(e, 2)
+    except SystemExit as e:  # a signal before the first step
+        if e.code not in (0, None):
+            _forget_unfinished_start()
+        raise
     finally:
         cdist.cleanup()
+
+
+def interrupt_message(e):
+    path = getattr(e, "checkpoint_write", None)
+    if path is None:
+        held = _run.out / "checkpoint.pth" if _run is not None else None
+        if held is not None and held.exists():
+            return f"aborted by a second Ctrl-C; {held} holds the last saved state"
+        return "aborted by a second Ctrl-C"
+    if path.exists():
+        return (f"aborted by a second Ctrl-C while writing {path}: the previous {path.name} is "
+                f"intact ({path.name}.tmp removed); rerun the same command to resume from it")
+    return (f"aborted by a second Ctrl-C while writing the first {path}; nothing was saved "
+            f"({path.name}.tmp removed)")
+
+
+# ResNet-18's saved activations for backward, fp32, 224 px: ~42.5 MiB per image (README's
+# memory table); bf16 autocast roughly halves them.
+RESNET18_MIB_PER_IMAGE = 42.5
+
+
+def oom_message(run, total_bytes=None):
+    """One line for an out-of-memory error: the global batch, --batch-size, and what fits by the
+    README's estimate (ResNet-18 activations x views per sample x (size / 224)^2)."""
+    if run is None:
+        return "out of memory; lower --batch-size"
+    a = run.args
+    line = (f"out of memory at global batch {run.global_batch} = {run.world} process(es) x "
+            f"--batch-size {a.batch_size}")
+    if total_bytes is None:
+        if getattr(a, "simulate_oom", None) and "," in a.simulate_oom:
+            total_bytes = float(a.simulate_oom.split(",")[1]) * 2**30
+        elif run.cuda:
+            total_bytes = torch.cuda.get_device_properties(run.device).total_memory
+    views = run.views_per_sample
+    if total_bytes and views and getattr(a, "arch", None) == "resnet18":
+        per_image = (RESNET18_MIB_PER_IMAGE * 2**20 * views * (a.img_size / 224) ** 2
+                     * (0.5 if run.amp else 1.0))
+        fits = int(0.8 * total_bytes // per_image)  # 20% for weights, optimiser, workspace
+        if 0 < fits < a.batch_size:
+            return (f"{line}: about {fits} per process fits in {total_bytes / 2**30:.0f} GiB "
+                    f"({views} views of {a.img_size} px, ~{per_image / 2**20:.0f} MiB each for "
+                    f"backward): use --batch-size {fits} (global {fits * run.world}; the lr "
+                    "scales with it), or more GPUs, or --amp")
+    return (f"{line}: lower --batch-size (e.g. {max(1, a.batch_size // 2)}, global "
+            f"{max(1, a.batch_size // 2) * run.world}; the lr scales with it), or use more GPUs")
+
+
+def _forget_unfinished_start():
+    """A start that ends before its first checkpoint leaves no folder holding only args.json."""
+    if _run is not None and (_run.out / "checkpoint.pth").exists():
+        return
+    for f in _unfinished_start:
+        Path(f).unlink(missing_ok=True)
+    if _new_run_folder is not None:
+        remove_if_empty(_new_run_folder)
 
 
 def _fail(e, code):
     sys.stdout.write("\n")  # end a progress bar's line first
     sys.stdout.flush()
     print(f"error: {_last_line(e)}", file=sys.stderr, flush=True)
-    if _new_run_folder is not None:
-        remove_if_empty(_new_run_folder)
+    _forget_unfinished_start()
     sys.exit(code)
 
 
