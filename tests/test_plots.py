@@ -96,3 +96,78 @@ def test_axis_titles_name_the_units(tmp_path, monkeypatch):
     rows, cols = margin_ink("kNN accuracy (%)")
     assert np.ptp(rows) > 4 * np.ptp(cols) and np.ptp(rows) > 60  # text running up the axis
     assert abs((rows.min() + rows.max()) / 2 - (TOP + 200 - BOTTOM) / 2) <= 2  # centred on it
+
+
+def colour_pixels(img, colour):
+    ys, xs = np.nonzero((np.asarray(img) == colour).all(2))
+    return ys, xs
+
+
+def test_accuracy_is_drawn_on_0_to_100_so_a_few_points_stay_small(tmp_path):
+    """A kNN wobble of 80 -> 86 -> 80 filled the whole panel height (a 'collapse')."""
+    w, h = 320, 200
+    log = write_log(tmp_path / "moco" / "log.jsonl",
+                    [{"epoch": e, "knn_accuracy": v} for e, v in enumerate([80.0, 86.0, 80.0])])
+    ys, xs = colour_pixels(plot_logs([log], keys=["knn_accuracy"], size=(w, h)), COLORS[0])
+    curve = ys[(ys > TOP) & (xs < w - 100)]  # the curve, not the legend in the title row
+    height = h - TOP - BOTTOM
+    assert np.ptp(curve) < 0.1 * height  # 6 points of 100: about 6% of the height
+    # 80% sits a fifth of the way down the frame
+    assert abs(np.median(curve) - (TOP + 0.2 * height)) < 0.06 * height
+
+
+def test_a_value_logged_once_is_a_level_across_the_panel(tmp_path):
+    """A one-epoch run (or a monitor that ran after the last epoch only) was a single dot."""
+    w, h = 320, 200
+    log = write_log(tmp_path / "concl" / "log.jsonl", [{"epoch": 1, "loss": 3.0,
+                                                        "knn_accuracy": 40.0}])
+    for key in ("loss", "knn_accuracy"):
+        ys, xs = colour_pixels(plot_logs([log], keys=[key], size=(w, h)), COLORS[0])
+        inside = ys > TOP
+        assert np.ptp(xs[inside]) > 0.9 * (w - LEFT - RIGHT), key
+
+
+def test_random_init_reference_is_a_dashed_level_on_the_knn_panel(tmp_path):
+    w, h = 320, 200
+    log = write_log(tmp_path / "moco" / "log.jsonl",
+                    [{"epoch": e, "loss": 5.0, "knn_accuracy": 70.0 + e} for e in range(3)])
+    sheet = np.asarray(plot_logs([log], size=(w, h), knn_reference={str(log): 50.0}))
+    loss_panel, knn_panel = sheet[:h], sheet[h:]
+    assert not (loss_panel == CHANCE).all(2).any()  # no reference on the loss panel
+    ys, xs = np.nonzero((knn_panel[TOP + 1:h - BOTTOM, LEFT + 1:w - RIGHT] == CHANCE).all(2))
+    want = (100 - 50) / 100 * (h - TOP - BOTTOM) - 1  # 50% on the 0-100 axis, frame-relative
+    assert len(ys) and np.abs(ys - want).max() <= 1.5
+    assert np.ptp(xs) > 0.9 * (w - LEFT - RIGHT - 2)  # across the panel
+
+
+def test_titles_say_which_loss_and_which_knn_tiles(tmp_path, monkeypatch):
+    titles = []
+    real = plots.line_chart
+    monkeypatch.setattr(plots, "line_chart", lambda *a, **kw: titles.append(a[1]) or real(*a, **kw))
+    moco = write_log(tmp_path / "moco" / "log.jsonl", [{"epoch": 0, "knn_accuracy": 50.0}])
+    (tmp_path / "moco" / "args.json").write_text(json.dumps({"data": "nct", "knn_size": 300}))
+    ft = write_log(tmp_path / "ft" / "run0" / "log.jsonl",
+                   [{"iter": 20 * i, "loss": 2 / i} for i in range(1, 3)])
+    plot_logs([moco, ft], size=(320, 200))
+    assert titles == ["moco: kNN accuracy (20-NN, 300-tile bank, 100 queries)",
+                      "ft/run0: Mask R-CNN loss (RPN + class + box + mask terms)"]
+
+
+def test_random_init_knn_is_the_monitors_knn_of_a_fresh_backbone(tmp_path):
+    """The reference equals the kNN accuracy, computed from scratch on the monitor's demo bank
+    and queries, of the ResNet the run's seed initialises (saved as its backbone.pth)."""
+    import torch
+
+    from common.data import sample_seed
+    from common.models import resnet
+    from test_knn_monitor import knn_of_exported_backbone
+    args = {"data": "demo", "seed": 3, "img_size": 32, "arch": "resnet18",
+            "init": "openselfsup", "knn_every": 1, "workers": 0}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    torch.manual_seed(sample_seed(3, 2**31))
+    torch.save(resnet("resnet18", "openselfsup").state_dict(), tmp_path / "backbone.pth")
+    state = torch.random.get_rng_state()
+    got = plots.random_init_knn(tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    assert abs(got - knn_of_exported_backbone(tmp_path)) < 1e-6 + 100 / 90 / 2
+    assert 100 / 6 < got < 100  # above chance, short of perfect: a real measurement
