@@ -53,19 +53,34 @@ def centre_box(width, height, ratio=(3 / 4, 4 / 3)):
     return (left, top, left + w, top + h)
 
 
+def draw_crop(width, height, scale, ratio):
+    """One attempt of RandomResizedCrop, torchvision's draws in its order -> (box (x0, y0, x1,
+    y1) or None when the drawn size does not fit the image, the drawn target area)."""
+    target = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = torch.log(torch.tensor(ratio))
+    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+    w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+    if not (0 < w <= width and 0 < h <= height):
+        return None, target
+    top = int(torch.randint(0, height - h + 1, size=(1,)))
+    left = int(torch.randint(0, width - w + 1, size=(1,)))
+    return (left, top, left + w, top + h), target
+
+
 def overlapping_crops(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Two RandomResizedCrop boxes (x0, y0, x1, y1) in image pixels, the second redrawn up to
-    OVERLAP_TRIES times until its intersection with the first covers >= MIN_OVERLAP of the
-    second's area; if no draw does, both are the same centre crop (the released code)."""
-    def draw():
-        top, left, h, w = T.RandomResizedCrop.get_params(img, scale, ratio)
-        return (left, top, left + w, top + h)
-    b1 = draw()
+    """Two RandomResizedCrop boxes (x0, y0, x1, y1) in image pixels, as the released
+    get_params_conditioned: the second is drawn OVERLAP_TRIES times (a size that does not fit
+    counts as a try) until its intersection with the first covers >= MIN_OVERLAP of its drawn
+    target area; if no draw does, both are the same centre crop."""
+    top, left, h, w = T.RandomResizedCrop.get_params(img, scale, ratio)
+    b1 = (left, top, left + w, top + h)
     for _ in range(OVERLAP_TRIES):
-        b2 = draw()
+        b2, target = draw_crop(*img.size, scale, ratio)
+        if b2 is None:
+            continue
         iw = min(b1[2], b2[2]) - max(b1[0], b2[0])
         ih = min(b1[3], b2[3]) - max(b1[1], b2[1])
-        if iw > 0 and ih > 0 and iw * ih >= MIN_OVERLAP * (b2[2] - b2[0]) * (b2[3] - b2[1]):
+        if iw > 0 and ih > 0 and iw * ih >= MIN_OVERLAP * target:
             return b1, b2
     c = centre_box(*img.size, ratio)
     return c, c
@@ -165,12 +180,15 @@ def sr_weights(sim, overlap, power=2.0, eps=1e-6):
 # ----------------------------------------------------------------------------- the model
 class Neck(nn.Module):
     """DenseCL's neck with BN (MoCo-v2+): global avgpool -> 512-512-BN-ReLU-128 and dense 1x1
-    conv 512-512-BN-ReLU-128 over the C5 grid. Init as OpenSelfSup's DenseCL neck: Kaiming
-    Linear layers (byol.mlp), PyTorch's default for the convolutions (see densecl.DenseHead)."""
+    conv 512-512-BN-ReLU-128 over the C5 grid. Init as the released code (mmselfsup's
+    DenseCLNeck without init_cfg): PyTorch's defaults for the Linear layers and the convs."""
 
     def __init__(self, in_dim, hidden, dim):
         super().__init__()
         self.glob = byol.mlp(in_dim, hidden, dim, "kaiming")
+        for m in self.glob.modules():  # byol.mlp's Kaiming init undone: PyTorch's, as released
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
         self.dense = nn.Sequential(nn.Conv2d(in_dim, hidden, 1), nn.BatchNorm2d(hidden),
                                    nn.ReLU(inplace=True), nn.Conv2d(hidden, dim, 1))
 

@@ -44,11 +44,14 @@ def test_intersection_boxes_and_masks_on_known_crops():
     assert not pixcon.overlap_mask(ic, 7).any()
 
 
-def scripted_crops(monkeypatch, crops):
-    """RandomResizedCrop.get_params returns these (x0, y0, x1, y1) boxes in turn."""
-    calls = iter(crops)
+def scripted_crops(monkeypatch, first, redraws):
+    """RandomResizedCrop.get_params returns `first` (x0, y0, x1, y1); pixcon.draw_crop returns
+    the redraws in turn: a box (target area = its area) or None (a size that does not fit)."""
     monkeypatch.setattr(T.RandomResizedCrop, "get_params", staticmethod(
-        lambda img, scale, ratio: (lambda b: (b[1], b[0], b[3] - b[1], b[2] - b[0]))(next(calls))))
+        lambda img, scale, ratio: (first[1], first[0], first[3] - first[1], first[2] - first[0])))
+    calls = iter(redraws)
+    monkeypatch.setattr(pixcon, "draw_crop", lambda w, h, scale, ratio: (lambda b: (
+        b, 1.0 if b is None else (b[2] - b[0]) * (b[3] - b[1])))(next(calls)))
 
 
 def test_second_crop_redrawn_until_it_overlaps_else_both_centre_crop(monkeypatch):
@@ -57,15 +60,39 @@ def test_second_crop_redrawn_until_it_overlaps_else_both_centre_crop(monkeypatch
     far = (150, 150, 200, 200)                       # no intersection
     thin = (99, 50, 199, 150)                        # 1 x 50 = 0.5% of its 10000 px: too little
     enough = (98, 50, 198, 150)                      # 2 x 50 = 1%: accepted
-    scripted_crops(monkeypatch, [first, far, thin, enough])
+    scripted_crops(monkeypatch, first, [far, thin, enough])
     assert pixcon.overlapping_crops(img) == (first, enough)
-    scripted_crops(monkeypatch, [first] + [far] * 9 + [enough])  # found at the 10th redraw
+    scripted_crops(monkeypatch, first, [far] * 9 + [enough])  # found at the 10th redraw
     assert pixcon.overlapping_crops(img) == (first, enough)
-    scripted_crops(monkeypatch, [first] + [far] * 10 + [enough])  # not in 10: centre crop
+    scripted_crops(monkeypatch, first, [far] * 10 + [enough])  # not in 10: centre crop
+    assert pixcon.overlapping_crops(img) == ((0, 0, 200, 200),) * 2
+    # issue 22: a size that does not fit counts as a try (released get_params_conditioned)
+    scripted_crops(monkeypatch, first, [None] * 9 + [enough])
+    assert pixcon.overlapping_crops(img) == (first, enough)
+    scripted_crops(monkeypatch, first, [None] * 5 + [far] * 5 + [enough])
     assert pixcon.overlapping_crops(img) == ((0, 0, 200, 200),) * 2
     wide = Image.new("RGB", (300, 100))              # ratio 3 > 4/3: 133 x 100 in the middle
-    scripted_crops(monkeypatch, [first] + [far] * 10)
+    scripted_crops(monkeypatch, first, [far] * 10)
     assert pixcon.overlapping_crops(wide) == ((83, 0, 216, 100),) * 2
+
+
+def test_one_draw_is_torchvisions_first_attempt():
+    """draw_crop is one attempt of RandomResizedCrop.get_params: the same draws in the same
+    order, so where the first attempt fits both give the same box; None where it does not."""
+    img = Image.new("RGB", (96, 40))
+    fits = misses = 0
+    for seed in range(60):
+        torch.manual_seed(seed)
+        box, target = pixcon.draw_crop(96, 40, (0.08, 1.0), (3 / 4, 4 / 3))
+        torch.manual_seed(seed)
+        top, left, h, w = T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        if box is None:
+            misses += 1
+        else:
+            fits += 1
+            assert box == (left, top, left + w, top + h)
+            assert 0.08 * 96 * 40 <= target <= 96 * 40
+    assert fits > 10 and misses > 10
 
 
 def test_sampled_views_are_their_overlapping_crops():
@@ -357,3 +384,13 @@ def test_bad_queue_size_is_one_clear_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == "error: --queue-size 36 must be a multiple of the global batch 8"
     assert not (tmp_path / "bad").exists()
+
+
+def test_neck_linear_layers_keep_pytorchs_init_as_released():
+    """mmselfsup's DenseCLNeck (the released PixCon neck) has no init_cfg: PyTorch's Linear
+    defaults (uniform, std 1 / sqrt(3 fan_in), bias drawn), not OpenSelfSup's Kaiming."""
+    torch.manual_seed(0)
+    neck = pixcon.Neck(512, 512, 128)
+    for m in (neck.glob[0], neck.glob[3]):
+        assert m.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)
+        assert m.bias.abs().max().item() > 0
