@@ -4,11 +4,12 @@ Li, Zhou, Xiong, Hoi, "Prototypical Contrastive Learning of Unsupervised Represe
 (ICLR 2021); released code salesforce/PCL. A baseline of the ConCL paper's Table 1 (appendix
 "PCL-v2": the released code, heads 512-512-128, 20000, 35000 and 50000 clusters on NCT). After
 --warmup-epochs of plain MoCo v2, every epoch opens with an E-step: the momentum encoder embeds
-every training tile (centre crop), a k-means per granularity turns the embeddings into
+every training tile (the released view: Resize + CenterCrop, a 1.14x centre zoom), a k-means per granularity turns the embeddings into
 prototypes c (normalised centroids) with a concentration phi each; the M-step trains
 L = InfoNCE + mean over granularities of ProtoNCE, where a query meets its own prototype against
 --pcl-r negative prototypes, each logit divided by that prototype's phi. Recipe: MoCo v2's NCT
-recipe (batch 256, SGD lr 0.03, wd 1e-4, per-epoch cosine, 200 epochs, T 0.2, queue 16384).
+recipe (batch 256, SGD lr 0.03, wd 1e-4, per-epoch cosine, 200 epochs, T 0.2, queue 16384), with
+torchvision's init of backbone and head as the released code (--init openselfsup: moco.py's).
 
     torchrun --nproc_per_node=8 pcl.py --data nct --data-root /data/NCT-CRC-HE-100K
     python pcl.py --data demo --epochs 3 --warmup-epochs 1 --batch-size 32 --img-size 64 \
@@ -28,6 +29,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 from common import cli
 from common import data as cdata
@@ -92,9 +94,10 @@ def lloyd(x, c, iters, block=BLOCK):
     return c, labels, d2
 
 
+@ctrain.fp32
 def kmeans(x, k, iters=20, redo=5, seed=0, block=BLOCK):
-    """Euclidean k-means of x (N, D) on its device, the best of `redo` seeded restarts by inertia
-    (faiss niter 20, nredo 5 as the released code) -> centroids (k, D), labels (N,), squared
+    """Euclidean k-means of x (N, D) on its device, in fp32 even under --amp, the best of `redo`
+    seeded restarts by inertia (faiss niter 20, nredo 5 as the released code) -> centroids (k, D), labels (N,), squared
     distances (N,) of every point to its centroid."""
     g = torch.Generator(device=x.device).manual_seed(seed)
     best = None
@@ -125,12 +128,11 @@ def concentration(dist, labels, k, temperature):
 # ----------------------------------------------------------------------------- ProtoNCE
 def sample_negatives(pos, k, r):
     """pos (B,) the batch's cluster ids -> (r,) distinct ids of clusters no image of the batch
-    uses, uniformly at random (torch's RNG, seeded per step)."""
-    free = torch.ones(k, dtype=torch.bool, device=pos.device)
-    free[pos] = False
-    ids = free.nonzero()[:, 0]
-    assert ids.numel() >= r, f"{ids.numel()} free clusters, fewer than --pcl-r {r}"
-    return ids[torch.randperm(ids.numel(), device=pos.device)[:r]]
+    uses, uniformly at random (torch's RNG, seeded per step): the r largest of k uniform keys,
+    the batch's own clusters' keys set to -1. No device-to-host read (check_pcl_args ensures
+    r free clusters)."""
+    keys = torch.rand(k, device=pos.device).index_fill_(0, pos, -1.0)
+    return keys.topk(r).indices
 
 
 @ctrain.fp32
@@ -165,9 +167,14 @@ class Clusters(nn.Module):
 
 class PCL(MoCo):
     def __init__(self, args, n):
-        init = {"init": args.init} if hasattr(args, "init") else {}
+        init = getattr(args, "init", "torchvision")
         super().__init__(args.arch, "v2", args.dim, args.queue_size, args.moco_m, args.temperature,
-                         args.bn_splits, **init)
+                         args.bn_splits, init)
+        if init == "torchvision":  # the released code: torchvision's init, head Linear included
+            for m in self.encoder_q[1].modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+            self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.r = args.pcl_r
         self.clusters = nn.ModuleList(Clusters(n, k, args.dim) for k in args.num_clusters)
         self.register_buffer("cluster_epoch", torch.tensor(-1))  # whose E-step the buffers hold
@@ -202,10 +209,15 @@ class PCL(MoCo):
 
 
 # ----------------------------------------------------------------------------- the E-step
+def e_step_view(size):
+    """The released `eval_augmentation`, Resize(256) + CenterCrop(224) (a 1.14x centre zoom),
+    scaled to --img-size: the shorter side to round(size * 256 / 224), the centre size x size."""
+    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+
+
 @torch.no_grad()
 def embed_tiles(encoder, base, run, args):
-    """(N, D) L2-normalised momentum embeddings of every tile of `base` (centre crop at
-    --img-size, eval-mode BN with rank 0's statistics), each process embedding a contiguous
+    """(N, D) L2-normalised momentum embeddings of every tile of `base` (e_step_view, eval-mode BN with rank 0's statistics), each process embedding a contiguous
     share of whole batches of 4 x --batch-size tiles (so every batch, and every bit of the
     result, is the same on any number of processes); gathered, in dataset order."""
     n, b = len(base), 4 * args.batch_size
@@ -216,6 +228,7 @@ def embed_tiles(encoder, base, run, args):
             torch.distributed.broadcast(buf, 0)
     share = torch.utils.data.Subset(base, range(min(n, run.rank * per), min(n, (run.rank + 1) * per)))
     loader = tile_loader(share, args.img_size, b, args.workers)
+    loader.dataset.transform = e_step_view(args.img_size)  # read by the workers it forks
     f = (extract_features(encoder, loader, run.device, progress=None if run.main else False)[0]
          if len(share) else torch.zeros(0, args.dim))
     padded = torch.zeros(per, args.dim, device=run.device)
@@ -284,6 +297,13 @@ def get_args(argv=None):
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding and prototype size")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
     g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
+    for action in p._actions:
+        if action.dest == "init":  # the released PCL code keeps torchvision's init (issue 22.4)
+            action.default = "torchvision"
+            action.help = ("backbone and head init: torchvision (default) = torchvision's ResNet "
+                           "and PyTorch's Linear defaults, as the released PCL code that gave "
+                           "ConCL's PCL-v2 row (ConCL's repository holds no PCL config); "
+                           "openselfsup = Kaiming fan_in convs and head, as moco.py")
     g = p.add_argument_group("pcl")
     g.add_argument("--num-clusters", type=cli.positive_int, nargs="+", default=[20000, 35000, 50000],
                    help="k of each granularity (ConCL's NCT setting; ImageNet: 25000 50000 100000)")

@@ -114,8 +114,11 @@ def test_negatives_never_hold_a_batch_cluster():
         assert not set(neg.tolist()) & set(pos.tolist()) and neg.max() < 60
     pos = torch.arange(10)
     assert set(pcl.sample_negatives(pos, 14, 4).tolist()) == {10, 11, 12, 13}  # all free ones
-    with pytest.raises(AssertionError):
-        pcl.sample_negatives(pos, 14, 5)
+    # uniform among the free ones: 2 of 4 drawn, each in half of 800 draws (sd 14)
+    counts = torch.bincount(torch.cat([pcl.sample_negatives(pos, 14, 2) for _ in range(800)]),
+                            minlength=14)
+    assert counts[:10].sum() == 0 and ((counts[10:] - 400).abs() < 70).all()
+    # fewer free clusters than r is refused before training (check_pcl_args), not per step
 
 
 def test_model_loss_is_instance_plus_mean_proto_nce():
@@ -248,3 +251,43 @@ def test_counts_the_data_cannot_hold_fail_clearly(tmp_path, flags, culprit):
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and culprit in last and "--num-clusters 48 96 --pcl-r 16" in last
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- issue 22.4
+def test_e_step_sees_the_released_resize_and_centre_crop(tmp_path):
+    """The E-step embeds Resize(256) + CenterCrop(224) scaled to --img-size (a 1.14x zoom), by
+    torchvision on the PIL tile, not the identity view of the kNN loader."""
+    import torch.nn as nn
+    import torchvision.transforms as T
+    from PIL import Image
+    from common import data as cdata
+    rng = np.random.default_rng(0)
+    tiles = [(Image.fromarray(rng.integers(0, 256, (40 + 4 * i, 48, 3), np.uint8)), 0)
+             for i in range(5)]
+    encoder = nn.Sequential(nn.AvgPool2d(4), nn.Flatten())                # 3 x 8 x 8 = 192
+    args = types.SimpleNamespace(batch_size=2, img_size=32, workers=0, dim=192)
+    run = types.SimpleNamespace(world=1, rank=0, main=True, device=torch.device("cpu"))
+    got = pcl.embed_tiles(encoder, tiles, run, args)
+    view = T.Compose([T.Resize(37), T.CenterCrop(32)])                     # 32 * 256 / 224
+    x = torch.stack([torch.from_numpy(np.asarray(view(img))).permute(2, 0, 1) for img, _ in tiles])
+    want = F.normalize(encoder(cdata.to_device(x, run.device)), dim=1)
+    torch.testing.assert_close(got, want)
+
+
+def test_default_init_is_torchvisions_backbone_and_head():
+    """The released PCL code keeps torchvision's ResNet init (Kaiming fan_out) and PyTorch's
+    Linear defaults (uniform, std 1/sqrt(3 fan_in), bias drawn); --init openselfsup: moco.py's."""
+    args = pcl.get_args(["--queue-size", "256", "--bn-splits", "1"])
+    assert args.init == "torchvision"
+    model = pcl.PCL(args, 10)
+    conv1 = model.encoder_q[0].conv1.weight                                # fan_out = 64 x 49
+    assert conv1.std().item() == pytest.approx(math.sqrt(2 / (64 * 49)), rel=0.1)
+    fc = model.encoder_q[1][0]
+    assert fc.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)
+    assert fc.bias.abs().max().item() > 0
+    q, k = model.encoder_q.state_dict(), model.encoder_k.state_dict()
+    assert all(torch.equal(q[n], k[n]) for n in q)
+    other = pcl.PCL(pcl.get_args(["--init", "openselfsup", "--queue-size", "256", "--bn-splits", "1"]),
+                    10)
+    assert other.encoder_q[1][0].weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.05)
+    assert other.encoder_q[0].conv1.weight.std().item() == pytest.approx(math.sqrt(2 / 147), rel=0.1)
