@@ -177,6 +177,21 @@ def sr_weights(sim, overlap, power=2.0, eps=1e-6):
     return torch.where(overlap, torch.ones_like(w), w) ** power
 
 
+@torch.no_grad()
+@ctrain.fp32
+def positives(match, b_q, b_k, overlap, geometry, power):
+    """Every query pixel's positive and weight, (N, S) each, decided in fp32 even under --amp:
+    C5 features (N, C, S) of the query and key views, overlap (N, S) bool, geometry for
+    coord_match."""
+    if match == "coord":
+        idx, valid = coord_match(*geometry)
+        return idx, valid.float()
+    idx = densecl.match(b_q, b_k)
+    if match == "sim":
+        return idx, torch.ones_like(idx, dtype=torch.float)
+    return idx, sr_weights(match_similarity(b_q, b_k, idx), overlap, power)
+
+
 # ----------------------------------------------------------------------------- the model
 class Neck(nn.Module):
     """DenseCL's neck with BN (MoCo-v2+): global avgpool -> 512-512-BN-ReLU-128 and dense 1x1
@@ -211,16 +226,22 @@ class PixCon(nn.Module):
         for name in ("queue_g", "queue_d"):                      # (K, D) each, as DenseCL
             self.register_buffer(name, F.normalize(torch.randn(K, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._ptr = None  # host copy of queue_ptr: no device-to-host read per step
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
 
     momentum_update = byol.BYOL.momentum_update  # target <- m target + (1 - m) online, params only
 
     @torch.no_grad()
     def enqueue(self, k_g, k_pool):
         k_g, k_pool = cdist.concat_all_gather(k_g), cdist.concat_all_gather(k_pool)
-        n, ptr = k_g.shape[0], int(self.queue_ptr)
+        n = k_g.shape[0]
         assert self.K % n == 0, f"queue size {self.K} is not a multiple of the global batch {n}"
+        if self._ptr is None:  # read from the buffer once (after init or a resume), not per step
+            self._ptr = int(self.queue_ptr)
+        ptr = self._ptr
         self.queue_g[ptr:ptr + n], self.queue_d[ptr:ptr + n] = k_g, k_pool
-        self.queue_ptr.fill_((ptr + n) % self.K)
+        self._ptr = (ptr + n) % self.K
+        self.queue_ptr.fill_(self._ptr)  # the checkpoint's copy
 
     def online_view(self, x):
         """-> backbone C5 (N, C, S), normalised predictions: global (N, D), dense (N, D, S)."""
@@ -247,15 +268,7 @@ class PixCon(nn.Module):
         logits_g = moco_logits(q_g.float(), k_g.float(), queues[0], self.T)
         loss_g = F.cross_entropy(logits_g, logits_g.new_zeros(len(logits_g), dtype=torch.long))
         with torch.no_grad():
-            if self.match == "coord":
-                idx, valid = coord_match(*geometry)
-                w = valid.float()
-            else:
-                idx = densecl.match(b_q.float(), b_k.float())
-                w = torch.ones_like(idx, dtype=torch.float)
-                if self.match == "sr":
-                    w = sr_weights(match_similarity(b_q.float(), b_k.float(), idx), overlap_a,
-                                   self.power)
+            idx, w = positives(self.match, b_q, b_k, overlap_a, geometry, self.power)
         logits_d = densecl.dense_logits(q_d.float(), k_d.float(), idx, queues[1], self.T)
         ce = F.cross_entropy(logits_d, logits_d.new_zeros(len(logits_d), dtype=torch.long),
                              reduction="none")                      # (N * S,), (n, s) order
