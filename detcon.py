@@ -42,6 +42,7 @@ from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
+from common.glands import read_label_map
 from common.masks import FHCache
 from common.models import resnet_maps
 
@@ -138,6 +139,18 @@ def detcon_loss(a1, a2, ids1, ids2, temperature, t1=None, t2=None, return_stats=
 
 
 # ----------------------------------------------------------------------------- data
+def read_mask_file(path, size):
+    """--masks file: a label map (grey, palette, 16-bit or RGB; RGB colours told apart by all
+    three channels, common.glands.read_label_map) of an image of `size` (W, H) -> (H, W) ids
+    0..n-1, one per distinct value or colour."""
+    if not Path(path).exists():
+        raise cdata.DataError(f"--mask-dir: cannot read {path} (no such file)")
+    full = read_label_map(path)
+    if full.shape != (size[1], size[0]):
+        raise cdata.DataError(f"{path}: mask {full.shape[::-1]} != image {tuple(size)}")
+    return np.unique(full, return_inverse=True)[1].reshape(full.shape)
+
+
 class MaskViews(cdata.MultiViewDataset):
     """The method's two views plus, per view, the C5 cell ids of its masks (`cells`, (g*g,))
     and the `num_masks` ids sampled among them (`ids`): drawn here, per sample and seeded like
@@ -162,15 +175,7 @@ class MaskViews(cdata.MultiViewDataset):
             return rows[:, None] * a.grid_size + cols[None, :], False
         rel = Path(FHCache.key(self.base, i, a.data_root, self.seed))
         paths = [Path(a.mask_dir) / rel.with_suffix(".png"), Path(a.mask_dir) / f"{rel.stem}.png"]
-        path = next((p for p in paths if p.exists()), paths[-1])
-        try:
-            full = np.asarray(Image.open(path))
-        except OSError as e:
-            raise cdata.DataError(f"--mask-dir: cannot read {path} ({e.strerror or e})") from None
-        full = full[..., 0] if full.ndim == 3 else full
-        if full.shape != (img.height, img.width):
-            raise cdata.DataError(f"{path}: mask {full.shape[::-1]} != image {img.size}")
-        return np.unique(full, return_inverse=True)[1].reshape(full.shape), False  # ids 0..n-1
+        return read_mask_file(next((p for p in paths if p.exists()), paths[-1]), img.size), False
 
     def augment(self, img, i):
         s = super().augment(img, i)
@@ -319,7 +324,8 @@ def get_args(argv=None):
     g.add_argument("--grid-size", type=cli.positive_int, default=5,
                    help="--masks grid: n (5 x 5 best in the paper's Fig. 7)")
     g.add_argument("--mask-dir", default=None,
-                   help="--masks file: PNG label maps named <relative path>.png or <stem>.png")
+                   help="--masks file: PNG label maps named <relative path>.png or <stem>.png "
+                        "(grey, palette or RGB: one mask per value or colour)")
     g.add_argument("--num-masks", type=cli.positive_int, default=16, help="masks sampled per view")
     g.add_argument("--temperature", type=cli.positive_float, default=0.1, help="T")
     g.add_argument("--hidden-dim", type=cli.positive_int, default=512,

@@ -294,3 +294,21 @@ def test_bad_input_is_one_clear_line(tmp_path):
     p = run_script(*common, check=False)  # then t1's map is missing
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert "--mask-dir: cannot read" in p.stderr and "t1.png" in p.stderr
+
+
+def test_rgb_mask_files_tell_colours_apart_by_all_three_channels(tmp_path):
+    """Issue 24.11: colours sharing their red value stay two masks (only channel 0 was read)."""
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[:, :4] = (200, 0, 0)
+    rgb[:, 4:8] = (200, 100, 0)                                   # same red, other green
+    rgb[:4, 8:] = (200, 100, 50)                                  # same red and green, other blue
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    ids = detcon.read_mask_file(tmp_path / "m.png", (12, 8))
+    assert len(np.unique(ids)) == 4                               # three colours and black
+    blocks = [ids[:, :4], ids[:, 4:8], ids[:4, 8:], ids[4:, 8:]]
+    assert all(len(np.unique(b)) == 1 for b in blocks)
+    assert len({int(b[0, 0]) for b in blocks}) == 4
+    Image.fromarray(np.full((8, 12), 7, np.uint8)).save(tmp_path / "g.png")  # grey: one mask
+    assert (detcon.read_mask_file(tmp_path / "g.png", (12, 8)) == 0).all()
+    with pytest.raises(cdata.DataError, match=r"mask \(12, 8\) != image \(8, 8\)"):
+        detcon.read_mask_file(tmp_path / "g.png", (8, 8))
