@@ -269,7 +269,7 @@ def train_one_run(args, run, r, out, train_set):
         with run.autocast():
             parts = ddp(images, targets)
         loss = sum(parts.values())
-        nonfinite, stop = run.agree(loss)
+        nonfinite, stop, _ = run.agree(loss)
         if nonfinite:
             shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
             kept = (f"{ckpt} holds the last good state" if ckpt.exists() else
@@ -398,7 +398,7 @@ def summarise(args, run, all_metrics):
 
 def main():
     args = get_args()
-    run = ctrain.Run(args, "finetune")
+    run = ctrain.Run(args, "finetune", cudnn_benchmark=False)  # shapes vary: as Detectron2
     d = DATASETS[args.data]
     test_size = args.img_size or d["test_size"]
     if args.train_sizes is None:  # the official range, scaled with the test size
