@@ -266,14 +266,46 @@ class DeviceAugment:
             if ph is not None and not isinstance(ph, Photometric):
                 raise DataError(f"--device-aug: a view's photometric ops ({ph!r}) are not a "
                                 "common.augment.Photometric; run without --device-aug")
-        self.photometric = [ph or Photometric() for ph in ops]
+        self.photometric = list(ops)
         self.device = device
+        self.crop = None
+        if getattr(getattr(dataset, "base", None), "device_crop", False):
+            self.crop = self._crop_views(dataset)
+            dataset.device_crop = True
         dataset.device_aug = True  # read by the workers, forked at each epoch's first batch
+
+    @staticmethod
+    def _crop_views(dataset):
+        """--device-crop: [(size, Pillow filter)] per view, or DataError for views it cannot
+        crop: a dataset that builds more than its View list's views in its own file (a
+        reference view, masks, overlapping crops), geometric ops on PIL, another filter."""
+        from common.crop import FILTERS
+        from common.data import MultiViewDataset, View
+        own = type(dataset).augment is not MultiViewDataset.augment
+        if own or not all(isinstance(v, View) for v in dataset.views):
+            raise DataError(f"--device-crop: {type(dataset).__name__} builds its views in its "
+                            "own file (a reference view, masks, overlapping crops: see common."
+                            "crop for what they need); run with --data-store and --device-aug")
+        for v in dataset.views:
+            if v.geometric is not None or v.interpolation not in FILTERS:
+                raise DataError(f"--device-crop: {v} has geometric ops on PIL or a filter other "
+                                "than bilinear / bicubic; run without --device-crop")
+        return [(v.size, v.interpolation) for v in dataset.views]
+
+    def views(self, batch):
+        """--device-crop: each view's crop, resize and flip of the batch's tiles, on the device
+        (uint8 (N, 3, S, S), float64: Pillow's pixels)."""
+        from common.crop import resize_crop
+        tiles = batch["tile"].to(self.device, non_blocking=True)
+        return [resize_crop(tiles, b, size, resample, f)
+                for (size, resample), b, f in zip(self.crop, batch["boxes"], batch["flips"])]
 
     def __call__(self, batch):
         """-> the batch's views, uint8 on the device, photometric ops applied."""
         if "photo" not in batch:
             raise DataError("--device-aug: the batch carries no photometric parameters "
                             "(batch['photo']): this script's dataset draws its views itself")
-        return [ph.apply_batch(v.to(self.device, non_blocking=True), p)
-                for ph, v, p in zip(self.photometric, batch["views"], batch["photo"])]
+        views = self.views(batch) if self.crop is not None else batch["views"]
+        return [v.to(self.device, non_blocking=True) if ph is None or not p.shape[-1]
+                else ph.apply_batch(v.to(self.device, non_blocking=True), p)
+                for ph, v, p in zip(self.photometric, views, batch["photo"])]

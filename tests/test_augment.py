@@ -16,6 +16,7 @@ from common import augment as A
 from common import data as cdata
 from common.demo import DemoTiles
 from tests.conftest import run_script
+from tests.test_store import tiny_store  # noqa: F401 - the fixture the runs read
 
 
 def pipelines(size=64, blur_kernel=None):
@@ -254,8 +255,8 @@ def test_device_aug_refuses_views_it_cannot_run():
 
 
 # ----------------------------------------------------------------------------- runs
-TINY = ["--data", "demo", "--demo-size", "16", "--batch-size", "8", "--img-size", "64",
-        "--workers", "1", "--epochs", "1", "--knn-every", "0", "--device-aug"]
+TINY = ["--batch-size", "8", "--img-size", "64", "--workers", "1", "--epochs", "1",
+        "--knn-every", "0", "--device-aug"]  # reading test_store's tiny store (16 demo tiles)
 # One run per kind of dataset and view list: a plain MultiViewDataset with MoCo v2's views
 # (moco, densecl, pcl) is the resume test below; these add geometric ops in the worker (histo),
 # two descriptions with solarize (byol), a dataset subclass adding a reference view (concl) or
@@ -270,16 +271,21 @@ SCRIPTS = {"simclr_histo": ["simclr.py", "--aug", "histo", "--warmup-epochs", "0
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_every_pretraining_script_trains_with_device_aug(name, tmp_path):
+def test_every_pretraining_script_trains_with_device_aug_from_a_store(name, tmp_path, tiny_store):
     script, *flags = SCRIPTS[name]
-    argv = TINY + flags  # later flags win: mcl's batch of 16 (its montages need it)
+    argv = TINY + ["--data-store", tiny_store[1]] + flags  # later flags win: mcl's batch of 16
     run_script(script, *argv, "--output-dir", tmp_path)
     assert (tmp_path / "backbone.pth").exists()
 
 
-def test_moco_v2_with_device_aug_resumes_bit_identical(tmp_path):
+def test_moco_v2_with_device_crop_equals_the_files_and_resumes_bit_identical(tmp_path, tiny_store):
+    """From the files with --device-aug (Pillow crops in the loader) and from the store with
+    --device-crop (the float64 crop on the device), stopped mid-epoch and resumed: the same
+    backbone bit for bit."""
+    src, packed = tiny_store
     flags = ["moco.py", *TINY, "--epochs", "2", "--queue-size", "16"]  # 2 steps an epoch
-    run_script(*flags, "--output-dir", tmp_path / "ref")
+    run_script(*flags, "--data", "folder", "--data-root", src, "--output-dir", tmp_path / "ref")
+    flags += ["--data-store", packed, "--device-crop"]
     run_script(*flags, "--output-dir", tmp_path / "cut", "--stop-after-steps", "3")  # mid-epoch
     run_script(*flags, "--output-dir", tmp_path / "cut")
     a, b = (torch.load(tmp_path / d / "backbone.pth", map_location="cpu") for d in ("ref", "cut"))
