@@ -241,7 +241,8 @@ def contact_sheet(seed=0, per_class=6, size=224):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Draw the demo tiles, one row per class.")
+    p = argparse.ArgumentParser(prog="python -m common.demo",
+                                description="Draw the demo tiles, one row per class.")
     p.add_argument("--out", default="demo_tiles.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=6)

@@ -236,7 +236,8 @@ def plot_logs(paths, keys=("loss", "knn_accuracy"), size=(640, 260), knn_referen
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Draw log.jsonl curves into one PNG.")
+    ap = argparse.ArgumentParser(prog="python -m common.plots",
+                                 description="Draw log.jsonl curves into one PNG.")
     ap.add_argument("logs", nargs="+")
     ap.add_argument("--keys", nargs="+", default=["loss", "knn_accuracy"])
     ap.add_argument("--out", default="curves.png")
