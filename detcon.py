@@ -338,9 +338,13 @@ def get_args(argv=None):
                         f"{B['warmup_epochs']} (byol.py's NCT recipe)")
     g.add_argument("--base-momentum", type=cli.unit_float, default=0.996,
                    help="B: EMA m at step 0, rising to 1 on a cosine of the global step")
-    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as simclr.py / byol.py")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
+                   help="blur: default PIL GaussianBlur(radius=sigma) as the NCT (OpenSelfSup) "
+                        "config; 23 = torchvision's exact kernel (methods.md 0.4), 5x the CPU cost")
     g.add_argument("--vis-tiles", type=cli.nonneg_int, default=8,
                    help="masks.png with this many tiles at the start (0: off)")
+    p.epilog = ("CPU example (minutes):\n  python detcon.py --data demo --epochs 2 --batch-size 16 "
+                "--img-size 64 --masks grid --grid-size 2")
     p.set_defaults(resume_keys=("variant", "masks", "num_masks", "dim", "hidden_dim",
                                 "fh_scale", "fh_min_size", "grid_size"))
     args = p.parse_args(argv)

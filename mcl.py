@@ -239,6 +239,10 @@ def train_one_epoch(model, optimizer, trainer, run, args):
     total_steps = args.epochs * trainer.steps_per_epoch
     S = args.levels
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if trainer.epoch < args.warmup_epochs:
+        run.print(f"warm-up: epoch {trainer.epoch + 1} of {args.warmup_epochs} (lr rising "
+                  f"linearly to {args.scaled_lr:.4g}; the retrieval stays near chance until "
+                  "the lr is up)")
     for step, batch in trainer.steps(trainer.epoch):
         it = trainer.global_step()
         lr = ctrain.set_lr(optimizer, ctrain.cosine_lr(
@@ -286,8 +290,9 @@ def get_args(argv=None):
                    help="montage levels S (the appendix: 3, cost 1.3125x); 4 = the released "
                         "variant with weights 1/2, 1/4, 1/8, 1/8 and B/32 level-3 montages")
     g.add_argument("--montage-resize", choices=["nearest", "area"], default="nearest",
-                   help="down-sampling of the montage cells: nearest = the released "
-                        "F.interpolate default (aliases, pitfall P14), area = block means")
+                   help="down-sampling of the montage cells: nearest (default) = what the "
+                        "released code's F.interpolate does (aliases, pitfall P14), area = block "
+                        "means")
     g.add_argument("--temperature", type=cli.positive_float, default=1.0,
                    help="T of the retrieval cross-entropy, which is scaled by 2T as released")
     g.add_argument("--base-momentum", type=cli.unit_float, default=0.99,
@@ -306,6 +311,9 @@ def get_args(argv=None):
     g.add_argument("--hidden-dim", type=cli.positive_int, default=2048,
                    help="projector and predictor hidden width (the appendix; D5)")
     g.add_argument("--dim", type=cli.positive_int, default=256, help="embedding width")
+    p.epilog = ("CPU example (a few minutes; its 2 epochs lie inside the 10-epoch warm-up,\n"
+                "so the retrieval stays near chance):\n  python mcl.py --data demo --epochs 2 "
+                "--batch-size 32 --img-size 64 --workers 2")
     p.set_defaults(resume_keys=("levels", "montage_resize", "hidden_dim", "dim", "temperature",
                                 "target_views"))
     return p.parse_args(argv)

@@ -295,8 +295,13 @@ def get_args(argv=None):
     g.add_argument("--temperature", type=cli.positive_float, default=0.2,
                    help="InfoNCE's T and the mean of phi")
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding and prototype size")
-    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
-    g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
+    g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
+                   help="blur: default PIL GaussianBlur(radius=sigma) as the official code; 23 = "
+                        "torchvision's exact kernel (methods.md 0.4), 5x the CPU cost")
+    g.add_argument("--bn-splits", type=cli.positive_int, default=None,
+                   help="shuffle-BN emulation, BN statistics over this many groups of the "
+                        "per-process batch; default per-process batch / 32, at least 1 (as "
+                        "moco.py, methods.md D8)")
     for action in p._actions:
         if action.dest == "init":  # the released PCL code keeps torchvision's init (issue 22.4)
             action.default = "torchvision"
@@ -313,6 +318,8 @@ def get_args(argv=None):
     g.add_argument("--kmeans-iters", type=cli.positive_int, default=20, help="Lloyd iterations")
     g.add_argument("--kmeans-redo", type=cli.positive_int, default=5,
                    help="k-means restarts; the lowest inertia wins")
+    p.epilog = ("CPU example (minutes):\n  python pcl.py --data demo --epochs 3 --warmup-epochs 1 "
+                "--batch-size 32 --img-size 64 --queue-size 512 --num-clusters 48 96 --pcl-r 16")
     p.set_defaults(resume_keys=("queue_size", "dim", "num_clusters", "pcl_r", "warmup_epochs",
                                 "kmeans_iters", "kmeans_redo"))
     args = p.parse_args(argv)

@@ -354,6 +354,8 @@ def get_args(argv=None):
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=23,
                    help="Gaussian blur kernel size (sigma 0.1-2), as the released pipeline; "
                         "small kernels are cheaper on the CPU")
+    p.epilog = ("CPU example (minutes):\n  python pixcon.py --data demo --epochs 2 --batch-size 32 "
+                "--img-size 64 --queue-size 512")
     p.set_defaults(resume_keys=("match", "queue_size", "dim", "hidden_dim", "loss_lambda",
                                 "sr_power"))
     return p.parse_args(argv)

@@ -344,6 +344,7 @@ def test_run_writes_the_contract_files_and_logs(reference):
     assert sorted(p.name for p in out.iterdir()) == \
         ["args.json", "backbone.pth", "checkpoint.pth", "log.jsonl", "montages.png"]
     assert "3 levels: 16 + 4 + 1 = 21 images per branch and process (1.312x)" in stdout
+    assert "warm-up: epoch 1 of 1 " in stdout and "warm-up: epoch 2" not in stdout
     rows = log(out)
     assert [r["epoch"] for r in rows] == [0, 1]
     chance = 4 * 0.875 * math.log(16)
@@ -408,3 +409,18 @@ def test_two_processes_gloo(tmp_path):
     res = torchvision.models.resnet18().load_state_dict(load(tmp_path / "backbone.pth"),
                                                         strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and not res.unexpected_keys
+
+
+@pytest.mark.parametrize("script, shown", [
+    ("mcl", ["nearest (default)"]),
+    ("pcl", ["default PIL GaussianBlur", "default per-process batch / 32", "torchvision (default)"]),
+    ("detcon", ["default PIL GaussianBlur"]),
+    ("pixcon", [])])
+def test_help_shows_defaults_and_a_cpu_example(script, shown, capsys):
+    """Issue 24.6: every flag's default is in --help, and the help ends with a CPU command."""
+    import importlib
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(s in text for s in shown), [s for s in shown if s not in text]
+    assert "CPU example" in text and f"python {script}.py --data demo" in text
