@@ -50,6 +50,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
@@ -62,6 +63,48 @@ from common.models import resnet
 from common.train import unwrap
 
 DETECTORS = ("maskrcnn", "retinanet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes in fp32 under --amp. torchvision makes its anchors in the feature maps' dtype and decodes
+# boxes in the deltas' dtype: under bf16 autocast both are bf16, whose 8-bit mantissa puts box
+# corners on 2-4 px steps on a 500 px field, and ties the RPN's objectness ranking.
+
+class FP32Anchors(AnchorGenerator):
+    """Anchors in float32 whatever the feature maps' dtype (only their shapes are used)."""
+
+    def forward(self, image_list, feature_maps):
+        shapes = [torch.empty((1,) * f.dim(), device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class FP32BoxCoder(BoxCoder):
+    """Decodes (and encodes) boxes in float32 with autocast off: torchvision's casts the
+    reference boxes to the deltas' dtype."""
+
+    def decode_single(self, rel_codes, boxes):
+        with torch.autocast(rel_codes.device.type, enabled=False):
+            return super().decode_single(rel_codes.float(), boxes.float())
+
+    def encode_single(self, reference_boxes, proposals):
+        with torch.autocast(proposals.device.type, enabled=False):
+            return super().encode_single(reference_boxes.float(), proposals.float())
+
+
+def _float_outputs(module, inputs, outputs):
+    """Forward hook: the RPN head's objectness and deltas (lists of maps) in float32."""
+    return tuple([t.float() for t in o] for o in outputs)
+
+
+def fp32_boxes(model):
+    """Every box a detector decodes, and the RPN's ranking of its proposals, in float32."""
+    for owner in (model, getattr(model, "rpn", None), getattr(model, "roi_heads", None)):
+        if owner is not None and isinstance(getattr(owner, "box_coder", None), BoxCoder):
+            old = owner.box_coder
+            owner.box_coder = FP32BoxCoder(old.weights, old.bbox_xform_clip)
+    if hasattr(model, "rpn"):
+        model.rpn.head.register_forward_hook(_float_outputs)
+    return model
 
 
 D2_ANCHORS = (32, 64, 128, 256, 512)  # Detectron2's ANCHOR_GENERATOR.SIZES, one per level
@@ -87,19 +130,20 @@ def build_detector(kind, arch, train_sizes, test_size, max_size=1333, rois_per_i
         model = MaskRCNN(fpn, num_classes=2, rpn_post_nms_top_n_train=proposals,
                          rpn_post_nms_top_n_test=proposals, box_batch_size_per_image=rois_per_image,
                          box_detections_per_img=detections,
-                         rpn_anchor_generator=AnchorGenerator(tuple((a,) for a in anchor_sizes),
-                                                              ratios), **common)
+                         rpn_anchor_generator=FP32Anchors(tuple((a,) for a in anchor_sizes),
+                                                          ratios), **common)
     elif kind == "retinanet":  # Detectron2's RetinaNet: P3-P5 from C3-C5, P6/P7 from C5
         fpn = BackboneWithFPN(body, {f"layer{i}": str(i - 2) for i in range(2, 5)},
                               [c5 // 4, c5 // 2, c5], 256, extra_blocks=LastLevelP6P7(c5, 256),
                               norm_layer=nn.BatchNorm2d)
         sizes = tuple((a, int(a * 2 ** (1 / 3)), int(a * 2 ** (2 / 3))) for a in anchor_sizes)
         model = RetinaNet(fpn, num_classes=2, detections_per_img=detections,
-                          anchor_generator=AnchorGenerator(sizes, ratios), **common)
+                          anchor_generator=FP32Anchors(sizes, ratios), **common)
     else:
         raise ValueError(f"--detector {kind!r}: choose from {', '.join(DETECTORS)}")
     model.transform = D2Transform(**common)
     d2_init(model)
+    fp32_boxes(model)
     model.train_sizes, model.test_size = tuple(train_sizes), test_size
     return model, fpn.body
 

@@ -292,3 +292,31 @@ def test_glas_test_a_and_b_reported_beside_the_combined_set(tmp_path):
     rows = (tmp_path / "results.md").read_text().splitlines()[2:]
     assert [r.split(" | ")[3] for r in rows] == ["A+B", "testA", "testB"]
     assert rows[0].startswith("| concl | retinanet resnet18 | 1x | A+B | 15.0 ± 7.071 | 16.0 ± ")
+
+
+@pytest.mark.parametrize("kind", ["maskrcnn", "retinanet"])
+def test_boxes_are_decoded_in_fp32_under_bf16_autocast(kind):
+    # torchvision makes anchors in the feature maps' dtype and decodes in the deltas' dtype: under
+    # bf16 autocast a 500 px field's corners land on 2-4 px steps. Both must be float32 here.
+    from torchvision.models.detection.image_list import ImageList
+    model, _ = build_detector(kind, "resnet18", (400,), 522)
+    images = ImageList(torch.zeros(1, 3, 256, 384), [(256, 384)])
+    maps = [torch.zeros(1, 1, 256 // s, 384 // s, dtype=torch.bfloat16) for s in (4, 8, 16, 32, 64)]
+    gen = model.rpn.anchor_generator if kind == "maskrcnn" else model.anchor_generator
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        anchors = gen(images, maps)[0]
+    exact = gen(images, [m.float() for m in maps])[0]
+    assert anchors.dtype == torch.float32 and torch.equal(anchors, exact)
+    assert (anchors - anchors.bfloat16().float()).abs().max() >= 1  # what bf16 would lose
+    coders = [model.rpn.box_coder, model.roi_heads.box_coder] if kind == "maskrcnn" else [model.box_coder]
+    g = torch.Generator().manual_seed(0)
+    deltas = (0.3 * torch.randn(len(exact), 4, generator=g)).bfloat16()
+    for coder in coders:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            boxes = coder.decode(deltas, [exact])
+        assert boxes.dtype == torch.float32
+        torch.testing.assert_close(boxes, coder.decode(deltas.float(), [exact]), rtol=0, atol=1e-4)
+    if kind == "maskrcnn":  # the RPN ranks its proposals by float32 objectness
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            objectness, _ = model.rpn.head([torch.randn(1, 256, 4, 4)])
+        assert objectness[0].dtype == torch.float32
