@@ -54,6 +54,7 @@ from common.models import ARCHS, load_pretrained
 # nuclei span 5-36 px (median 14-24) in the CPM-15 samples, and a 14 px nucleus overlaps a 32 px
 # anchor at IoU 0.19, under the RPN's 0.3 negative threshold: it would get only its one
 # best-matching anchor as a positive. At 8-128 it has a 16 px anchor at IoU 0.77.
+MIN_EDGE = 32  # shortest edge, training and test: one cell of the backbone's stride-32 map
 PAPER_HEADS = dict(rois_per_image=512, proposals=1000, detections=100)
 D2_ANCHORS, NUCLEI_ANCHORS = (32, 64, 128, 256, 512), (8, 16, 32, 64, 128)
 DATASETS = {
@@ -236,10 +237,12 @@ def train_one_run(args, run, r, out, train_set):
         ctrain.unwrap(model).load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         start, history, sums = ck["iter"], ck["history"], ck["sums"]
-        run.print(f"run {r}: resumed from {ckpt} at iteration {start}")
+        run.print(f"run {r}: resumed at iteration {start} of {iters}: weights and optimiser state "
+                  f"from {ckpt} (the run began from --pretrained {args.pretrained})")
+    else:
+        run.print(f"run {r}: ResNet body: {report}; FPN and heads random")
     if run.main:
         ctrain.atomic_write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    run.print(f"run {r}: {report}")
 
     def save(it):
         if run.main:
@@ -401,12 +404,19 @@ def main():
     run = ctrain.Run(args, "finetune", cudnn_benchmark=False)  # shapes vary: as Detectron2
     d = DATASETS[args.data]
     test_size = args.img_size or d["test_size"]
-    if args.train_sizes is None:  # the official range, scaled with the test size
+    derived = args.train_sizes is None
+    if derived:  # the official range, scaled with the test size
         args.train_sizes = [round(s * test_size / d["test_size"]) for s in d["train_sizes"]]
     args.img_size = test_size
     lo, hi = args.train_sizes
     if not 0 < lo <= hi:
         raise DataError(f"--train-sizes {lo} {hi}: need 0 < LO <= HI")
+    if min(lo, test_size) < MIN_EDGE:  # training would run, and AP stay 0 without a word
+        what = (f"--img-size {test_size} (training range {lo}-{hi} px)" if derived else
+                f"--img-size {test_size}" if test_size < MIN_EDGE else f"--train-sizes {lo} {hi}")
+        raise DataError(f"{what}: shortest edges must be at least {MIN_EDGE} px (the backbone's "
+                        f"stride; smaller, objects shrink to a pixel and AP is 0); default "
+                        f"--img-size {d['test_size']}")
     args.train_sizes = list(range(lo, hi + 1))  # Detectron2 "range": every integer equally likely
     iters, steps, warmup = schedule(args)
 
