@@ -23,8 +23,9 @@ with a partner - because rows without a partner in the other view weigh 0 and a 
 times weighs 1/k per row (`paired`: the share of rows with a partner, near 1 for grid masks,
 lower for FH), and falls; `acc` (a row's best match is its partner) rises; `masks_computed`
 (the share of tiles whose FH map training computed itself) is 1 in the first epoch without a
-precompute and 0 afterwards. masks.png (written at the start) shows tiles, their masks and the
-16 masks each view drew. On 224 px NCT tiles FH with the paper's 1000 / 1000 finds only 1-4
+precompute and 0 afterwards; `masks_per_view` counts the masks that own a cell of a view's C5
+grid (what the draws choose among). masks.png (written at the start) shows tiles, their masks,
+each view's masks and the cells its 16 draws pool; one colour is one mask across a row. On 224 px NCT tiles FH with the paper's 1000 / 1000 finds only 1-4
 segments (a tile has 50,176 pixels; min_size 1000), so DetCon is close to its parent there;
 `--fh-scale 250 --fh-min-size 250` gives about 20.
 """
@@ -41,6 +42,7 @@ import simclr
 from common import cli
 from common import data as cdata
 from common import dist as cdist
+from common import pictures
 from common import train as ctrain
 from common.glands import read_label_map
 from common.masks import FHCache
@@ -186,6 +188,7 @@ class MaskViews(cdata.MultiViewDataset):
             torch.default_generator.manual_seed(cdata.sample_seed(self.seed, self.epoch, i, 1))
             s["ids"] = [sample_masks(c, self.args.num_masks) for c in s["cells"]]
         s["masks_computed"] = int(computed)
+        s["masks_per_view"] = sum(len(c.unique()) for c in s["cells"]) / 2  # owning >= 1 cell
         return s
 
 
@@ -230,30 +233,42 @@ class DetConB(byol.BYOL):
 
 
 # ----------------------------------------------------------------------------- seeing masks
+def mask_source(a):
+    return {"fh": f"FH scale {a.fh_scale} min_size {a.fh_min_size}",
+            "grid": f"{a.grid_size} x {a.grid_size} grid", "file": f"files in {a.mask_dir}"}[a.masks]
+
+
 def save_masks(dataset, indices, path):
-    """PNG, one row per tile: the tile and its masks, then per view: the view with its masks
-    (the view's crop and flip) and the masks it drew on the C5 grid (cells of masks not drawn
-    dimmed); columns at least 112 px, headed, as ConCL's concept maps."""
-    from concl import overlay, sheet
-    a = dataset.args
-    cell, size, g = max(112, a.img_size), a.img_size, dataset.grid
+    """PNG, one row per tile: the tile, its masks, then per view the view with its masks (the
+    view's crop and flip) and the C5 cells that its drawn masks pool (the others dimmed); one
+    colour is one mask across a row, drawn as outlines over a light tint."""
+    a, g = dataset.args, dataset.grid
+    cell, size = max(160, a.img_size), a.img_size
     rows = []
     for i in indices:
         img = dataset.base.load(i)[0] if hasattr(dataset.base, "load") else dataset.base[i][0]
         full = np.asarray(dataset.full_labels(img, i)[0], np.int64)
         s = dataset[i]
-        tile = cdata.pil_to_uint8(img)
-        row = [overlay(tile, None, cell=cell), overlay(tile, torch.from_numpy(full), cell=cell)]
+        tile = pictures.enlarge(cdata.pil_to_uint8(img).permute(1, 2, 0).numpy(), cell)
+        row = [(tile, f"tile {i}"), (pictures.paint(tile, full), f"{full.max() + 1} masks")]
         for v in range(2):
-            view, cells = s["views"][v], s["cells"][v].view(g, g)
-            drawn = torch.where(torch.isin(cells, s["ids"][v]), cells, -1)
-            keep = drawn.ge(0).repeat_interleave(size // g, 0).repeat_interleave(size // g, 1)
-            row += [overlay(view, view_mask(full, s["boxes"][v], s["flips"][v], size), cell=cell),
-                    overlay(torch.where(keep, view, view // 2), drawn, cell=cell)]
+            view = pictures.enlarge(pictures.to_rgb(s["views"][v]), cell)
+            cells = s["cells"][v].view(g, g)
+            drawn = torch.where(torch.isin(cells, s["ids"][v]), cells, -1).numpy()
+            dim = pictures.enlarge(drawn, cell) < 0
+            faded = np.where(dim[..., None], view // 3 + 170, view).astype(np.uint8)
+            vm = view_mask(full, s["boxes"][v], s["flips"][v], size).numpy()
+            row += [(pictures.paint(view, vm), f"view {v + 1}: {len(np.unique(vm))} masks"),
+                    (pictures.paint(faded, drawn), f"view {v + 1}: {len(np.unique(cells))} on the "
+                     f"{g}x{g} grid, {len(np.unique(drawn[drawn >= 0]))} drawn")]
         rows.append(row)
-    n = a.num_masks
-    sheet(rows, ["tile", f"masks ({a.masks})", "view 1", f"view 1: {n} drawn", "view 2",
-                 f"view 2: {n} drawn"], cell).save(path)
+    notes = ["One colour is one mask: the same colour marks the same mask in every column of a "
+             "row. Columns: the tile; its masks; per view, the view (its crop and flip) with the "
+             "masks carried through, then its C5 grid, each cell given to the mask covering most "
+             f"of it, with the cells of the masks among its {a.num_masks} draws (with "
+             "replacement) in colour and the others faded. Log: masks_per_view = masks on the "
+             "grid per view, the number under the grid column."]
+    pictures.sheet(rows, f"DetCon masks ({mask_source(a)})", notes, cell).save(path)
     return path
 
 
@@ -272,6 +287,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
             loss, parts = model(x1, x2, cells, ids)
         trainer.backward_step(optimizer, loss, parts)
         parts["masks_computed"] = batch["masks_computed"].float().mean()
+        parts["masks_per_view"] = batch["masks_per_view"].float().mean()
         computed += batch["masks_computed"].sum()
         if args.variant == "B":  # EMA after the optimiser step, as byol.py
             m = ctrain.cosine_momentum(args.base_momentum, it, total_steps)
@@ -380,11 +396,9 @@ def main():
     trainer = ctrain.Trainer(run, model, optimizer, loader, sampler,
                              model.backbone if args.variant == "S" else model.online[0],
                              extra_log={"chance_loss": math.log(rows - 1)})
-    masks = {"fh": f"FH scale {args.fh_scale} min_size {args.fh_min_size}",
-             "grid": f"{args.grid_size} x {args.grid_size} grid", "file": f"files in {args.mask_dir}"}
     run.print(f"DetCon_{args.variant} {args.arch}: {len(dataset)} images, global batch "
               f"{run.global_batch} = {run.world} x {args.batch_size}, {args.num_masks} masks per "
-              f"view ({masks[args.masks]}) on the {g} x {g} C5 grid, LARS lr {args.scaled_lr:.4g} "
+              f"view ({mask_source(args)}) on the {g} x {g} C5 grid, LARS lr {args.scaled_lr:.4g} "
               f"(= {args.lr} x {run.global_batch}/1024), wd {args.weight_decay}, warm-up "
               f"{args.warmup_epochs} epochs, T {args.temperature}, heads {args.hidden_dim} -> "
               f"{args.dim}, chance loss log({rows} - 1) = {math.log(rows - 1):.2f} per paired row, "

@@ -237,7 +237,9 @@ def test_b_fh_run_writes_contract_files_and_hits_the_cache(reference):
     # epoch 0 computed what masks.png had not; epoch 1 found every map in the cache
     assert rows[0]["masks_computed"] > 0 and rows[1]["masks_computed"] == 0
     assert len(list((tmp / "cache").rglob("*.png"))) == 24
-    assert Image.open(out / "masks.png").size == (6 * 112, 8 * 112 + 18)  # headed columns
+    w, h = Image.open(out / "masks.png").size  # 6 columns of 160 px, 8 rows, title and notes
+    assert w == 8 + 6 * (160 + 8) and h > 8 * 160
+    assert all(1 <= r["masks_per_view"] <= 4 for r in rows)  # masks owning a cell of the 2x2 grid
     assert rows[0]["chance_loss"] == pytest.approx(math.log(2 * 8 * 16 - 1))
 
 
