@@ -39,7 +39,9 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -273,19 +275,24 @@ class Steps:
         start = time.time()
         print(f"[{datetime.datetime.now():%H:%M:%S}] {step}: {launcher} {shlex.join(argv)}",
               flush=True)
+        rc, cpu0 = None, resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             with open(log, "a") as f:
                 f.write(f"\n$ {shlex.join(cmd)}\n")
                 f.flush()
-                rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
-        except KeyboardInterrupt:
-            rc = -2
-            raise
+                proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+                try:
+                    rc = proc.wait()
+                except BaseException:  # Ctrl-C or SIGTERM (a pre-empted job): the script
+                    proc.terminate()    # checkpoints after its step; wait for it, then stop
+                    rc = proc.wait()
+                    raise
         finally:
-            wall = time.time() - start
-            with open(self.out / "steps.jsonl", "a") as f:
+            wall, cpu1 = time.time() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+            with open(self.out / "steps.jsonl", "a") as f:  # cpu_s: every process it started
                 f.write(json.dumps({"step": step, "command": cmd, "start": start,
-                                    "wall_s": round(wall, 2), "rc": rc,
+                                    "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "rc": rc,
                                     "devices": self.devices if parallel else 1}) + "\n")
         self.ran.append(step)
         ok = rc == 0 and Path(product).exists()
@@ -302,15 +309,17 @@ class Steps:
         return ok
 
     def cost(self, step):
-        """Wall seconds and device-hours over every attempt of a step (resumed runs add up)."""
-        wall, dev_h, path = 0.0, 0.0, self.out / "steps.jsonl"
+        """Wall seconds, device-hours and CPU seconds over every attempt of a step (resumed
+        runs add up)."""
+        wall, dev_h, cpu, path = 0.0, 0.0, 0.0, self.out / "steps.jsonl"
         if path.exists():
             for line in path.read_text().splitlines():
                 r = json.loads(line)
                 if r["step"] == step:
                     wall += r["wall_s"]
                     dev_h += r["wall_s"] * r["devices"] / 3600
-        return wall, dev_h
+                    cpu += r.get("cpu_s", 0.0)
+        return wall, dev_h, cpu
 
     def write_commands(self):
         lines = ["#!/usr/bin/env bash",
@@ -476,11 +485,12 @@ def collect(a, methods, targets, steps):
         r = {"label": m.label, "kind": m.kind, "spec": m.spec, "backbone": backbone_of(a, m),
              "finetune": {}}
         if m.kind == "pretrain":
-            wall, dev_h = steps.cost(f"pretrain/{m.name}")
+            wall, dev_h, cpu = steps.cost(f"pretrain/{m.name}")
             logf = out / "pretrain" / m.name / "log.jsonl"
             rows = [json.loads(x) for x in logf.read_text().splitlines()] if logf.exists() else []
             knn = [x["knn_accuracy"] for x in rows if x.get("knn_accuracy") is not None]
             r["pretrain"] = {"wall_s": round(wall, 1), "device_hours": round(dev_h, 4),
+                             "cpu_s": round(cpu, 1),
                              "epochs_logged": len(rows), "knn_accuracy": knn[-1] if knn else None}
         for t, _ in targets:
             folder = out / "finetune" / t / m.name
@@ -489,8 +499,10 @@ def collect(a, methods, targets, steps):
             if not runs:
                 continue
             groups = [None] + [g for g, v in runs[0].items() if isinstance(v, dict) and "bbox" in v]
+            wall, dev_h, cpu = steps.cost(f"finetune/{t}/{m.name}")
             r["finetune"][t] = {
-                "folder": str(folder), "per_run": runs,
+                "folder": str(folder), "per_run": runs, "wall_s": round(wall, 1),
+                "device_hours": round(dev_h, 4), "cpu_s": round(cpu, 1),
                 "groups": {g or "all": {col_title(tt, k, False): [get(x, g, tt, k) for x in runs]
                                         for tt, k in COLUMNS} for g in groups}}
         probe = read_json(out / "probe" / m.name / "metrics.json") if a.probe else None
@@ -568,8 +580,8 @@ def report(a, methods, targets, steps):
          "over runs, p ≥ 0.05); with one run no test is possible. Commands: `commands.sh`.", ""]
     head = "| method | " + " | ".join(f"{TARGET_LABELS.get(t, t)} {col_title(tt, k)}"
                                      for t in tnames for tt, k in COLUMNS) + " |"
-    L += [head, "|---" * (1 + 6 * len(tnames)) + "|"]
-    for n in names:
+    L += [head, "|---" * (1 + 6 * len(tnames)) + "|"] if tnames else ["(no fine-tuning)"]
+    for n in names if tnames else []:
         L.append(f"| {res['methods'][n]['label']} (`{n}`) | " + " | ".join(
             cell(res, sig, t, "all", tt, k, n) for t in tnames for tt, k in COLUMNS) + " |")
     subs = [(t, g) for t in tnames for g in ("testA", "testB")
@@ -582,18 +594,20 @@ def report(a, methods, targets, steps):
         for n in names:
             L.append(f"| `{n}` | " + " | ".join(cell(res, sig, t, g, tt, k, n)
                                                for t, g in subs for tt, k in COLUMNS) + " |")
-    L += ["", "Pre-training cost (wall time over every attempt of the step; device-hours = wall x "
-          "processes of the launcher)" + (" and frozen-feature probes (linear_probe.py: linear "
+    L += ["", "Cost (wall time over every attempt of a step; device-hours = wall x processes of "
+          "the launcher; CPU time of every process the step started)" + (" and frozen-feature probes (linear_probe.py: linear "
           "classifier and 20-NN accuracy, %)" if a.probe else "") + ":", ""]
     ph = " | linear acc. | linear macro F1 | kNN acc." if a.probe else ""
-    L += [f"| method | pre-training wall | device-hours | kNN monitor (last){ph} |",
-          "|---|---|---|---|" + ("---|---|---|" if a.probe else "")]
+    L += [f"| method | pre-training wall | device-hours | CPU time | kNN monitor (last) | "
+          f"fine-tuning wall (all targets and runs){ph} |",
+          "|---|---|---|---|---|---|" + ("---|---|---|" if a.probe else "")]
     for n in names:
         r = res["methods"][n]
         p = r.get("pretrain")
-        row = (f"| `{n}` | {hms(p['wall_s'])} | {p['device_hours']:.3f} | "
-               + (f"{p['knn_accuracy']:.1f}" if p["knn_accuracy"] is not None else "—") + " |"
-               if p else f"| `{n}` | — | — | — |")
+        ft_wall = sum(f["wall_s"] for f in r["finetune"].values())
+        row = (f"| `{n}` | {hms(p['wall_s'])} | {p['device_hours']:.3f} | {hms(p['cpu_s'])} | "
+               + (f"{p['knn_accuracy']:.1f}" if p["knn_accuracy"] is not None else "—")
+               if p else f"| `{n}` | — | — | — | —") + f" | {hms(ft_wall)} |"
         if a.probe:
             pr = r.get("probe")
             row += "".join(
@@ -722,7 +736,8 @@ def get_args(argv=None):
     g.add_argument("--samples", help="real-cpu: folder with glas_images_only/, cpm15_nuclei/")
     g = p.add_argument_group("fine-tuning (finetune_maskrcnn.py)")
     g.add_argument("--target", nargs="+", metavar="NAME[=ROOT]",
-                   help="glas=ROOT crag=ROOT instances=ROOT demo (default: demo)")
+                   help="glas=ROOT crag=ROOT instances=ROOT demo, or none: pre-train (and "
+                        "probe) only (default: demo)")
     g.add_argument("--runs", type=int, help="fine-tuning runs per method and target (default 5)")
     g.add_argument("--ft-seed", type=int, default=0, help="seed of the first run")
     g.add_argument("--finetune-args", help="more flags for every fine-tuning (quoted)")
@@ -746,8 +761,14 @@ def get_args(argv=None):
     return a
 
 
+def _sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through Steps.run: the step is stopped and logged
+
+
 def main(argv=None):
     a = get_args(argv)
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, _sigterm)
     if a.list:
         for n, (script, flags, label) in CONFIGS.items():
             print(f"{n:14s} {label:28s} {script} {' '.join(flags)}")
@@ -757,7 +778,7 @@ def main(argv=None):
     if dup:
         raise SystemExit(f"error: method names used twice: {', '.join(sorted(dup))}")
     targets = []
-    for spec in a.target:
+    for spec in ([] if a.target == ["none"] else a.target):
         t, _, root = spec.partition("=")
         if t not in ("glas", "crag", "instances", "demo"):
             raise SystemExit(f"error: --target {spec}: glas, crag, instances or demo")

@@ -81,8 +81,8 @@ def test_report_from_hand_made_metrics(tmp_path, monkeypatch):
     (out / "pretrain" / "moco_v2" / "log.jsonl").write_text(
         '{"epoch": 0, "knn_accuracy": 61.5}\n{"epoch": 1}\n')
     (out / "steps.jsonl").write_text(  # two attempts of the pre-training (a resumed run), 8 GPUs
-        '{"step": "pretrain/moco_v2", "wall_s": 100.0, "devices": 8, "rc": -2}\n'
-        '{"step": "pretrain/moco_v2", "wall_s": 50.0, "devices": 8, "rc": 0}\n')
+        '{"step": "pretrain/moco_v2", "wall_s": 100.0, "cpu_s": 150.0, "devices": 8, "rc": -2}\n'
+        '{"step": "pretrain/moco_v2", "wall_s": 50.0, "cpu_s": 50.0, "devices": 8, "rc": 0}\n')
     (out / "probe" / "in1k").mkdir(parents=True)
     (out / "probe" / "in1k" / "metrics.json").write_text(json.dumps(
         {"accuracy": 81.25, "macro_f1": 70.0, "knn_accuracy": 77.0, "label_fraction": 100.0,
@@ -91,7 +91,7 @@ def test_report_from_hand_made_metrics(tmp_path, monkeypatch):
 
     def no_process(*a, **k):
         raise AssertionError("--report-only started a process")
-    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
     argv = ["--methods", f"in1k={weights}", "moco_v2", "--target", f"glas={tmp_path}",
             "--runs", "4", "--probe", "--out", str(out), "--report-only"]
     assert tr.main(argv) == 0
@@ -108,10 +108,13 @@ def test_report_from_hand_made_metrics(tmp_path, monkeypatch):
                                         "-7.5 ± 1.3 ≈", "10.0 ± 0.1", "**1.0 ± 0.0**",
                                         "2.5 ± 1.3 ≈", "10.0 ± 0.1", "**1.0 ± 0.0**"]
     assert cells(test_ab, "`moco_v2`")[2] == "1.0 ± 0.0 ≈"  # zero spread, equal means: p 1
-    # cost: 150 s over two attempts on 8 processes = 0.333 device-hours; the kNN monitor's last
+    # cost: 150 s over two attempts on 8 processes = 0.333 device-hours, 200 CPU-s; the kNN
+    # monitor's last
     # value; probe columns from probe/in1k/metrics.json
-    assert cells(cost, "`moco_v2`") == ["0:02:30", "0.333", "61.5", "—", "—", "—"]
-    assert cells(cost, "`in1k`") == ["—", "—", "—", "81.2 ± 0.5", "70.0", "77.0 ± 1.2"]
+    assert cells(cost, "`moco_v2`") == ["0:02:30", "0.333", "0:03:20", "61.5", "0:00:00",
+                                        "—", "—", "—"]
+    assert cells(cost, "`in1k`") == ["—", "—", "—", "—", "0:00:00", "81.2 ± 0.5", "70.0",
+                                     "77.0 ± 1.2"]
     res = json.loads((out / "results.json").read_text())
     pair = res["welch"]["glas/all/APbb"]["pairs"]["moco_v2 vs in1k"]
     assert pair["t"] == pytest.approx(math.sqrt(3)) and pair["df"] == pytest.approx(75 / 17)
@@ -145,6 +148,7 @@ def test_end_to_end_on_demo_then_resume_without_redoing(tmp_path, monkeypatch):
     out = tmp_path / "t"
     run_script("benchmarks/transfer.py", *TINY, "--out", out, timeout=900)
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert steps[0]["cpu_s"] > 0 and steps[0]["wall_s"] > 0
     assert [(s["step"], s["rc"]) for s in steps] == [
         ("pretrain/moco_v2", 0), ("finetune/demo/moco_v2", 0), ("finetune/demo/random", 0)]
     md, res = (out / "results.md").read_text(), json.loads((out / "results.json").read_text())
@@ -162,7 +166,7 @@ def test_end_to_end_on_demo_then_resume_without_redoing(tmp_path, monkeypatch):
     # rerun: every step is finished, so no process starts and nothing is rewritten
     def no_process(*a, **k):
         raise AssertionError(f"a finished step was started again: {a}")
-    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
     monkeypatch.chdir(REPO)
     assert tr.main([*TINY, "--out", str(out)]) == 0
     assert len((out / "steps.jsonl").read_text().splitlines()) == 3
