@@ -108,39 +108,80 @@ class Photometric:
         return img
 
     # -- executor 2: the batch, on any device -----------------------------------------------------
+    def plan(self, params):
+        """The host's half of apply_batch, from the (N, P) parameters (numpy, no device work):
+        -> ((N, K) float32 table of every per-sample number the device reads, the ops to run).
+
+        ColorJitter's brightness, contrast and saturation are all torchvision's blend
+        f x + (1 - f) o, with o = 0, the mean grey or the grey image: one "slot" blends every
+        sample with its own f and o = g grey + m mean (g, m in {0, 1 - f}; f = 1, g = m = 0
+        leaves a sample exactly as it is). A sample's jitter ops in its own order are its
+        blends before its hue, the hue, its blends after: with B blend ops and a hue, 2 B slots
+        around one hue step serve every order in the batch (B slots without a hue)."""
+        import numpy as np
+        p = params.detach().to("cpu", torch.float64).numpy()
+        n = len(p)
+        blends = [k for k in (BRIGHTNESS, CONTRAST, SATURATION) if self.jitter[k]]
+        has_hue = bool(self.jitter[HUE])
+        n_slots = len(blends) * (2 if has_hue else 1)
+        f = np.ones((n, n_slots))
+        g, m, hue_on, hue_f = np.zeros((n, n_slots)), np.zeros((n, n_slots)), np.zeros(n), np.zeros(n)
+        for i in np.flatnonzero(p[:, JITTER] > 0):
+            seq = [int(k) for k in p[i, ORDER:ORDER + 4] if self.jitter[int(k)]]
+            if has_hue:
+                j = seq.index(HUE)
+                slots = list(range(len(blends) - j, len(blends))) + list(
+                    range(len(blends), len(blends) + len(seq) - j - 1))
+                seq = seq[:j] + seq[j + 1:]
+                hue_on[i], hue_f[i] = 1.0, p[i, FACTOR + HUE]
+            else:
+                slots = range(len(seq))
+            for s, k in zip(slots, seq):
+                f[i, s] = p[i, FACTOR + k]
+                one_minus = 1 - p[i, FACTOR + k]  # float64 as torchvision's python floats
+                g[i, s] = one_minus if k == SATURATION else 0.0
+                m[i, s] = one_minus if k == CONTRAST else 0.0
+        grey_on, blur_on, sol_on = (p[:, c] > 0 for c in (GREY, BLUR, SOLARIZE))
+        table = np.concatenate([np.stack([f, g, m], -1).reshape(n, -1),
+                                np.stack([hue_on, hue_f, grey_on, blur_on, p[:, SIGMA],
+                                          sol_on], -1)], 1).astype(np.float32)
+        active = [((f[:, s] != 1) | (g[:, s] != 0) | (m[:, s] != 0)).any() for s in range(n_slots)]
+        ops = {"slots": [(s, bool((g[:, s] != 0).any()), bool((m[:, s] != 0).any()))
+                         for s in range(n_slots) if active[s]],
+               "hue": bool(hue_on.any()), "grey": bool(grey_on.any()),
+               "blur": bool(blur_on.any()), "solarize": bool(sol_on.any())}
+        return torch.from_numpy(table), ops
+
     def apply_batch(self, x, params):
         """x: (N, 3, H, W) uint8 or float in [0, 1] on any device; params: (N, P) from sample()
-        (any device). -> the same dtype and device, every sample with its own ops and order."""
-        p = params.detach().to("cpu", torch.float64)
-        x = x.clone()
-
-        def apply(mask, op, col=None):
-            """x[mask] = op(x[mask], ratio, 1 - ratio) with the samples' own factors."""
-            idx = mask.nonzero()[:, 0]
-            if not len(idx):
-                return
-            i = idx.to(x.device)
-            if col is None:
-                x[i] = op(x[i])
-                return
-            f = p[idx, col].view(-1, 1, 1, 1)  # float64: 1 - f as torchvision (python floats)
-            x[i] = op(x[i], f.float().to(x.device), (1 - f).float().to(x.device))
-
-        jitter_ops = (brightness, contrast, saturation, hue)
-        if self.grey_first:
-            apply(p[:, GREY] > 0, grey)
-        for pos in range(4):
-            for k in range(4):
-                if self.jitter[k]:
-                    apply((p[:, JITTER] > 0) & (p[:, ORDER + pos] == k), jitter_ops[k], FACTOR + k)
-        if not self.grey_first:
-            apply(p[:, GREY] > 0, grey)
-        blur = (p[:, BLUR] > 0).view(-1, 1, 1, 1)
-        if blur.any():  # the whole batch, then select: one conv shape for cuDNN every step
-            sigma = p[:, SIGMA].float().to(x.device)
-            x = torch.where(blur.to(x.device), gaussian_blur(x, sigma, self.kernel), x)
-        on = (p[:, SOLARIZE] > 0).view(-1, 1, 1, 1).to(x.device)
-        return solarize(x, on, self.solarize_threshold)
+        (best on the host). -> the same dtype and device, every sample with its own ops and
+        order. The per-sample numbers reach the device in one copy (pinned, non-blocking on
+        CUDA); which ops run is decided on the host, so nothing waits for the device; each op
+        runs once on the whole batch and each sample takes its result or keeps its image."""
+        table, ops = self.plan(params)
+        n = len(table)
+        if x.is_cuda:
+            table = table.pin_memory()
+        cols = table.to(x.device, non_blocking=True).view(n, -1, 1, 1, 1).unbind(1)
+        hue_on, hue_f, grey_on, blur_on, sigma, sol_on = cols[-6:]  # each (N, 1, 1, 1)
+        if self.grey_first and ops["grey"]:
+            x = torch.where(grey_on > 0, grey(x), x)
+        hue_at = (len(cols) - 6) // 6 if self.jitter[HUE] else None  # blend slots before it
+        hue_done = not ops["hue"]
+        for s, use_grey, use_mean in ops["slots"]:
+            if not hue_done and s >= hue_at:
+                x, hue_done = torch.where(hue_on > 0, hue(x, hue_f, None), x), True
+            x = blend_slot(x, *cols[3 * s:3 * s + 3], use_grey, use_mean)
+        if not hue_done:
+            x = torch.where(hue_on > 0, hue(x, hue_f, None), x)
+        if not self.grey_first and ops["grey"]:
+            x = torch.where(grey_on > 0, grey(x), x)
+        if ops["blur"]:  # the whole batch, then select: one conv shape for cuDNN every step
+            x = torch.where(blur_on > 0, gaussian_blur(x, sigma.view(-1), self.kernel), x)
+        if ops["solarize"]:
+            x = solarize(x, sol_on > 0, self.solarize_threshold)
+        return x if ops["grey"] or ops["blur"] or ops["solarize"] or ops["slots"] or ops["hue"] \
+            else x.clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +195,22 @@ def _bound(x):
 def blend(a, b, f, one_minus_f):
     """torchvision's _blend: f a + (1 - f) b, clamped, back to a's dtype (uint8: truncated)."""
     return (f * a + one_minus_f * b).clamp(0, _bound(a)).to(a.dtype)
+
+
+def blend_slot(x, f, g, m, use_grey=True, use_mean=True):
+    """One jitter slot: f x + g grey(x) + m mean(grey(x)), clamped, in x's dtype (uint8:
+    truncated), per sample (n, 1, 1, 1). With one of g, m zero it is torchvision's saturation
+    or contrast blend term for term (the zero term adds an exact 0); g = m = 0: brightness."""
+    y = f * x
+    if use_grey or use_mean:
+        r, g_, b = x.unbind(dim=-3)  # grey(x)'s first channel
+        gr = (0.2989 * r + 0.587 * g_ + 0.114 * b).to(x.dtype).unsqueeze(-3)
+        if use_grey:
+            y = y + g * gr
+        if use_mean:
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            y = y + m * gr.to(dtype).mean(dim=(-3, -2, -1), keepdim=True)
+    return y.clamp(0, _bound(x)).to(x.dtype)
 
 
 def grey(x):
@@ -179,41 +236,45 @@ def saturation(x, f, one_minus_f):
 def hue(x, f, _):
     """Rotate the hue by f (in turns): RGB -> HSV, h + f mod 1, -> RGB, as torchvision."""
     y = x if x.is_floating_point() else x.to(torch.float32) / 255.0
-    h, s, v = rgb_to_hsv(y).unbind(dim=-3)
+    h, s, v = rgb_to_hsv(y)
     h = (h + f.view(-1, 1, 1)) % 1.0
     y = hsv_to_rgb(h, s, v)
     return y if x.is_floating_point() else y.mul(255.0 + 1.0 - 1e-3).to(x.dtype)
 
 
 def rgb_to_hsv(x):
-    """(n, 3, H, W) RGB in [0, 1] -> HSV, torchvision's _rgb2hsv (Pillow's formulas)."""
+    """(n, 3, H, W) RGB in [0, 1] -> h, s, v (n, H, W): torchvision's _rgb2hsv (Pillow's
+    formulas), its masked sum of three hue terms as the one term the mask keeps (the others
+    are exact zeros)."""
     r, g, b = x.unbind(dim=-3)
-    maxc, minc = x.max(dim=-3).values, x.min(dim=-3).values
+    maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
     eqc = maxc == minc  # grey pixels: h = s = 0 (denominators replaced by 1, no NaN)
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
+    s = cr / torch.where(eqc, 1.0, maxc)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / torch.where(eqc, 1.0, cr).unsqueeze(-3)).unbind(-3)
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
+
+
+_SEXTANTS = {}  # device -> (6, 3) int64: per hue sextant, R, G, B as indices into (v, q, p, t)
 
 
 def hsv_to_rgb(h, s, v):
-    """torchvision's _hsv2rgb; the sextant's (v, q, p, ...) row picked by index, not a 0/1 sum
-    (the same numbers: the other terms are exact zeros)."""
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
+    """torchvision's _hsv2rgb; each channel's value of the sextant picked by index from
+    (v, q, p, t), not by a 0/1 weighted sum (the same numbers: the other terms are exact
+    zeros)."""
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
     i = i.to(torch.int64) % 6
     p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
     q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
     t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    rows = (torch.stack((v, q, p, p, t, v), 1), torch.stack((t, v, v, q, p, p), 1),
-            torch.stack((p, p, t, v, v, q), 1))  # (n, 6, H, W) each: R, G, B per sextant
-    return torch.stack([r.gather(1, i.unsqueeze(1))[:, 0] for r in rows], dim=1)
+    lut = _SEXTANTS.get(h.device)
+    if lut is None:  # R: v q p p t v, G: t v v q p p, B: p p t v v q
+        lut = _SEXTANTS[h.device] = torch.tensor(
+            [[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=h.device)
+    return torch.stack((v, q, p, t), 1).gather(1, lut[i].permute(0, 3, 1, 2))
 
 
 def gaussian_blur(x, sigma, kernel_size):
