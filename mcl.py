@@ -22,7 +22,8 @@ A healthy log: `loss` starts near `chance_loss` = 2 branches x 2T x sum(w) x log
 (19.4 at batch 256, S = 3) and falls; `acc_l0` (level-0 retrieval top-1, %) rises first, the
 montage levels `acc_l1`, `acc_l2` follow, each below the one before; `m` climbs 0.99 -> 1; `std`
 (of the L2-normalised level-0 projections) stays near 1/sqrt(256) = 0.0625 (-> 0 is collapse).
-montages.png (written at the run's first step) shows that step's montages, one row per level.
+montages.png (written at the run's first step) shows that step's montages of branch q, one row per
+level, each captioned with its level and the images its cells hold.
 """
 import copy
 
@@ -37,6 +38,7 @@ from byol import BYOL, augmentation, mlp
 from common import cli
 from common import data as cdata
 from common import dist as cdist
+from common import pictures
 from common import train as ctrain
 from common.models import resnet, resnet_maps
 
@@ -212,25 +214,42 @@ def chance_loss(levels, T, global_batch):
 
 # ----------------------------------------------------------------------------- seeing montages
 @torch.no_grad()
-def save_montages(x, counts, path, per_level=4):
-    """PNG of a branch's batch, one row per level: its first montages, de-normalised, cell
-    borders in white."""
-    mean = torch.tensor(cdata.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(cdata.IMAGENET_STD).view(3, 1, 1)
-    H = x.shape[-1]
+def montage_panels(x, counts, labels, per_level=4):
+    """A branch's batch -> rows of (uint8 picture, caption), one row per level: its first
+    montages, de-normalised, cell borders in white, captioned with the images they hold."""
     rows, start = [], 0
     for i, n in enumerate(counts):
-        tiles = []
-        for m in x[start:start + min(n, per_level)].float().cpu():
-            img = (m * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy().copy()
-            for k in range(1, 2 ** i):
-                img[k * H // 2 ** i, :] = img[:, k * H // 2 ** i] = 255
-            tiles += [img, np.full((H, 4, 3), 255, np.uint8)]
-        row = np.concatenate(tiles, 1)
-        width = per_level * (H + 4)
-        rows.append(np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0)), constant_values=255))
+        r, H = 2 ** i, x.shape[-1]
+        row = []
+        for m in range(min(n, per_level)):
+            img = pictures.to_rgb(x[start + m])
+            for k in range(1, r):
+                img[k * H // r, :] = img[:, k * H // r] = 255
+            src = labels[i][m * r * r:(m + 1) * r * r].tolist()
+            what = f"image {src[0]}" if r == 1 else f"images {', '.join(map(str, src))}"
+            row.append((img, f"level {i} (P{5 - i}, 1/{r} size), "
+                             f"{'view' if r == 1 else 'montage'} {m}: {what}"))
+        rows.append(row)
         start += n
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    return rows
+
+
+def save_montages(x, counts, labels, path, mode, per_level=4):
+    """PNG of a branch's batch at the first step: one row per level (what montage_panels draws),
+    titled, with what each row is."""
+    H = x.shape[-1]
+    notes = [f"Row i = level i, read from FPN map P(5-i): each panel is one montage of 2^i x 2^i "
+             f"views of the batch, each down-sampled by 2^i ({mode}) from {H} to {H} / 2^i px "
+             "and filled from a seeded permutation (white lines: the cells, each exactly one "
+             "window of the FPN map; 'images' lists each cell's source image, row-major). "
+             "Level 0 is the views themselves. Every sub-image retrieves its own image's level-0 "
+             "embedding of the other branch. Branch q: BYOL's view-1 settings (blur always, no "
+             "solarise); branch k (not drawn) uses view-2's.",
+             f"Per process: {' + '.join(f'{n} at level {i}' for i, n in enumerate(counts))} "
+             "montages."]
+    rows = montage_panels(x, counts, labels, per_level)
+    pictures.sheet(rows, "MCL montages of branch q at the first step", notes,
+                   cell=max(192, H), caption_lines=3).save(path)
     return path
 
 
@@ -254,7 +273,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         if run.main and it == 0:
             B = views[0].shape[0]
             save_montages(x_q, [n // 4 ** i for i, n in enumerate(slot_counts(B, S))],
-                          run.out / "montages.png")
+                          labels_q, run.out / "montages.png", args.montage_resize)
         with run.autocast():
             loss, parts = model(x_q, labels_q, x_k, labels_k)
         trainer.check(loss, parts)

@@ -357,10 +357,24 @@ def test_run_writes_the_contract_files_and_logs(reference):
     assert [r["m"] for r in rows] == pytest.approx([np.mean(m[:2]), np.mean(m[2:])], rel=1e-12)
     args = json.loads((out / "args.json").read_text())
     assert (args["weight_decay"], args["levels"], args["hidden_dim"]) == (1e-5, 3, 2048)
-    # the picture: one row per level (64 px + 4 px gap), up to 4 montages each
-    img = np.asarray(Image.open(out / "montages.png"))
-    assert img.shape == (3 * 68, 4 * 68, 3)
-    assert (img[68 + 32, :64] == 255).all() and (img[68:132, 32] == 255).all()  # level-1 grid
+    # the picture: one row per level, up to 4 montages of 192 px each, titled and captioned
+    w, h = Image.open(out / "montages.png").size
+    assert w == 8 + 4 * (192 + 8) and h > 3 * 192
+
+
+def test_montage_panels_show_each_levels_cells_and_their_images():
+    torch.manual_seed(5)
+    x, labels = mcl.assemble(constant_views(16, 3), 3)
+    cells = read_cells(x, [16, 4, 1])  # each cell's image, read from the pixels
+    rows = mcl.montage_panels(x / 40 - 0.3, [16, 4, 1], labels)  # greys inside 0..255
+    assert [len(r) for r in rows] == [4, 4, 1]
+    for i, row in enumerate(rows):
+        for m, (img, caption) in enumerate(row):
+            r = 2 ** i
+            assert caption.startswith(f"level {i} (P{5 - i}, 1/{r} size)")
+            assert caption.endswith(", ".join(map(str, cells[i][m * r * r:(m + 1) * r * r])))
+            for k in range(1, r):  # white cell borders
+                assert (img[k * 16 // r] == 255).all() and (img[:, k * 16 // r] == 255).all()
 
 
 def test_backbone_is_the_resnet_body_and_loads_for_finetuning(reference):
