@@ -20,12 +20,14 @@ the first E-step on, each epoch prints the embedding and k-means times and, per 
 cluster-size histogram (few empty or one-point clusters; on NCT about 2-5 tiles per cluster) and
 the phi range (clipped, mean T); `loss_proto` starts near or below its chance level log(B + r)
 (9.71 at B 32, r 16384) and falls, `acc_proto` (the query's own prototype ranks first) climbs;
-`loss` = `loss_instance` + `loss_proto`.
+`loss` = `loss_instance` + `loss_proto`. clusters.png (every E-step) shows the largest clusters of
+the coarsest granularity with their member tiles.
 """
 import copy
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ import torchvision.transforms as T
 from common import cli
 from common import data as cdata
 from common import dist as cdist
+from common import pictures
 from common import train as ctrain
 from common.knn import extract_features, tile_loader
 from moco import MoCo, augmentation, check_moco_args, lr_at, moco_logits
@@ -245,6 +248,39 @@ def size_histogram(labels, k):
 
 
 @torch.no_grad()
+def save_clusters(x, clusters, base, args, epoch, path, n_clusters=6, per_cluster=8):
+    """clusters.png: the largest clusters of the coarsest granularity, one row each: its member
+    tiles (as the E-step saw them) in order of cosine to the prototype, captioned."""
+    i = min(range(len(args.num_clusters)), key=lambda j: args.num_clusters[j])
+    c, k = clusters[i], args.num_clusters[i]
+    labels, protos, phi = c.im2cluster.cpu(), c.prototypes.cpu(), c.phi.cpu()
+    sizes = torch.bincount(labels, minlength=k)
+    view = e_step_view(args.img_size)
+    rows = []
+    for cl in sizes.argsort(descending=True, stable=True)[:n_clusters].tolist():
+        members = (labels == cl).nonzero()[:, 0]
+        cos = x[members].cpu().float() @ protos[cl]
+        order = cos.argsort(descending=True, stable=True)[:per_cluster]
+        row = []
+        for j, m in enumerate(order.tolist()):
+            img, y = base[int(members[m])]
+            tile = np.asarray(view(img.convert("RGB")))
+            head = f"cluster {cl}: {int(sizes[cl])} tiles, phi {phi[cl]:.3f}; " if j == 0 else ""
+            cls = f", class {y}" if isinstance(y, int) and y >= 0 else ""
+            row.append((tile, f"{head}tile {int(members[m])}{cls}, cos {cos[m]:.2f}"))
+        rows.append(row)
+    notes = [f"E-step of epoch {epoch}, k = {k} (the coarsest of --num-clusters): the "
+             f"{len(rows)} largest clusters, one per row. Each row shows up to {per_cluster} "
+             "member tiles as the E-step embedded them (Resize + CenterCrop), the one closest to "
+             "the prototype (the normalised centroid) first; cos = cosine of the tile's momentum "
+             "embedding to the prototype; phi = the cluster's concentration (a larger phi: a "
+             "looser cluster, a softer ProtoNCE logit). Rewritten at every E-step."]
+    pictures.sheet(rows, f"PCL clusters after the E-step of epoch {epoch}", notes,
+                   cell=max(128, args.img_size), caption_lines=3).save(path)
+    return path
+
+
+@torch.no_grad()
 def e_step(model, base, run, args, epoch):
     """Cluster the momentum embeddings of every tile at each granularity into model.clusters.
     Granularity i is computed on process i % world (seeded from (seed, epoch, i)) and broadcast
@@ -267,6 +303,8 @@ def e_step(model, base, run, args, epoch):
     run.print(f"E-step epoch {epoch}: {len(x)} x {x.shape[1]} embeddings in {t1 - t0:.1f} s, "
               f"k-means ({args.kmeans_iters} iterations, best of {args.kmeans_redo}) in "
               f"{t2 - t1:.1f} s")
+    if run.main and args.vis_clusters:
+        save_clusters(x, model.clusters, base, args, epoch, run.out / "clusters.png")
     for k, c in zip(args.num_clusters, model.clusters):
         run.print(f"  k={k}: cluster sizes {size_histogram(c.im2cluster, k)}; phi "
                   f"{c.phi.min():.3f}-{c.phi.max():.3f} (mean {c.phi.mean():.3f})")
@@ -318,6 +356,8 @@ def get_args(argv=None):
     g.add_argument("--kmeans-iters", type=cli.positive_int, default=20, help="Lloyd iterations")
     g.add_argument("--kmeans-redo", type=cli.positive_int, default=5,
                    help="k-means restarts; the lowest inertia wins")
+    g.add_argument("--vis-clusters", type=int, choices=[0, 1], default=1,
+                   help="1: clusters.png at every E-step (the largest clusters and their tiles)")
     p.epilog = ("CPU example (minutes):\n  python pcl.py --data demo --epochs 3 --warmup-epochs 1 "
                 "--batch-size 32 --img-size 64 --queue-size 512 --num-clusters 48 96 --pcl-r 16")
     p.set_defaults(resume_keys=("queue_size", "dim", "num_clusters", "pcl_r", "warmup_epochs",

@@ -215,6 +215,31 @@ def test_single_process_run_across_the_warmup(single):
     check_log(log(out))
     assert "E-step epoch 1: 24 x 128" in p.stdout and "k=16: cluster sizes" in p.stdout
     assert "E-step epoch 0" not in p.stdout
+    from PIL import Image  # clusters.png: up to 6 rows of up to 8 member tiles of 128 px
+    w, h = Image.open(out / "clusters.png").size
+    assert 8 + 136 <= w <= 8 + 8 * 136 and h > 128
+
+
+def test_clusters_picture_rows_are_the_largest_clusters_nearest_first(tmp_path, monkeypatch):
+    from common import pictures
+    seen = {}
+    monkeypatch.setattr(pictures, "sheet", lambda rows, *a, **kw: seen.setdefault("rows", rows)
+                        and types.SimpleNamespace(save=lambda path: None))
+    c = pcl.Clusters(7, 3, 2)
+    c.im2cluster.copy_(torch.tensor([2, 0, 2, 1, 2, 0, 1]))
+    c.prototypes.copy_(torch.tensor([[1.0, 0], [0, 1], [0.6, 0.8]]))
+    x = F.normalize(torch.tensor([[0.6, 0.8], [1, 0], [0.0, 1], [0, 1], [1, 0.1], [1, 0.2],
+                                  [0.1, 1]]), dim=1)
+    from PIL import Image
+    base = [(Image.new("RGB", (40, 40), (10 * i, 0, 0)), i % 2) for i in range(7)]
+    args = types.SimpleNamespace(num_clusters=[3], img_size=32)
+    pcl.save_clusters(x, [c], base, args, 4, tmp_path / "c.png", n_clusters=2)
+    rows = seen["rows"]
+    assert [len(r) for r in rows] == [3, 2]                     # cluster 2 (3 tiles), then 0 or 1
+    assert rows[0][0][1].startswith("cluster 2: 3 tiles") and "tile 0, class 0, cos 1.00" in \
+        rows[0][0][1]
+    assert [r[1].split("tile ")[-1].split(",")[0] for r in rows[0]] == ["0", "2", "4"]
+    assert rows[0][1][0][0, 0, 0] == 20                          # tile 2's own pixels
 
 
 def test_two_processes_across_the_warmup(tmp_path):
