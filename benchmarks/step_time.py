@@ -678,6 +678,10 @@ def main():
     print("\n| sigma | max abs pixel difference | mean abs difference |\n|---|---|---|")
     for s, (m, mean) in d["blur_diff"].items():
         print(f"| {s} | {m} | {mean:.2f} |")
+    from benchmarks import store_time  # the tile store and the device crop (--data-store)
+    out["store"] = store_time.measure(a.samples)
+    store_time.report(out["store"])
+    out["store"]["crop"] = {" ".join(map(str, k)): v for k, v in out["store"]["crop"].items()}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str))
 

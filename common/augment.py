@@ -18,16 +18,25 @@ parameters are a function of (seed, epoch, index), whichever executor then runs 
   torch on (N, 3, H, W) uint8 or float images, each sample with its own parameters and op order,
   written to equal torchvision's tensor ops per image (uint8: the same truncations after each
   op) within 1/255 on every pixel. The blur is the exact Gaussian kernel (`blur_kernel`, 23 px
-  when none is given), never PIL's box-filter approximation.
+  when none is given), never PIL's box-filter approximation. Folded for few launches: the host
+  turns a batch's parameters into one table (one pinned, non-blocking copy) and decides which
+  ops run; each op then runs once on the whole batch and every sample takes its result or
+  keeps its image (`plan`), with no host synchronisation.
+
+`DeviceAugment` is the hook common.train uses for --device-aug and, with a tile store,
+--device-crop (the crop, resize and flip of each view on the device: common.crop). Imports run
+one way: common.data (files or store, parameters) -> this module -> common.crop.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from common.data import DataError, GaussianBlur
+from common.crop import FILTERS, resize_crop
+from common.data import DataError, GaussianBlur, MultiViewDataset, View
 
 # The parameter vector of one view (sample() -> (P,) float64; a batch carries (N, P)).
 JITTER, ORDER, FACTOR, GREY, BLUR, SIGMA, SOLARIZE, P = 0, 1, 5, 9, 10, 11, 12, 13
@@ -75,8 +84,8 @@ class Photometric:
         lo, hi = self.blur_sigma
         jitter, grey, blur, solarize = (float(v < q) for v, q in zip(
             u[:4], (self.jitter_p, self.grey_p, self.blur_p, self.solarize_p)))
-        return torch.tensor([jitter, *order, *factors, grey, blur, lo + (hi - lo) * u[8], solarize],
-                            dtype=torch.float64)
+        return torch.from_numpy(np.array(  # numpy: a quarter of torch.tensor's cost
+            [jitter, *order, *factors, grey, blur, lo + (hi - lo) * u[8], solarize], np.float64))
 
     def __call__(self, img):
         """Draw and apply on the CPU: a drop-in for the T.Compose it replaces."""
@@ -118,14 +127,14 @@ class Photometric:
         leaves a sample exactly as it is). A sample's jitter ops in its own order are its
         blends before its hue, the hue, its blends after: with B blend ops and a hue, 2 B slots
         around one hue step serve every order in the batch (B slots without a hue)."""
-        import numpy as np
         p = params.detach().to("cpu", torch.float64).numpy()
         n = len(p)
         blends = [k for k in (BRIGHTNESS, CONTRAST, SATURATION) if self.jitter[k]]
         has_hue = bool(self.jitter[HUE])
         n_slots = len(blends) * (2 if has_hue else 1)
         f = np.ones((n, n_slots))
-        g, m, hue_on, hue_f = np.zeros((n, n_slots)), np.zeros((n, n_slots)), np.zeros(n), np.zeros(n)
+        g, m = np.zeros((n, n_slots)), np.zeros((n, n_slots))
+        hue_on, hue_f = np.zeros(n), np.zeros(n)
         for i in np.flatnonzero(p[:, JITTER] > 0):
             seq = [int(k) for k in p[i, ORDER:ORDER + 4] if self.jitter[int(k)]]
             if has_hue:
@@ -340,8 +349,6 @@ class DeviceAugment:
         """--device-crop: [(size, Pillow filter)] per view, or DataError for views it cannot
         crop: a dataset that builds more than its View list's views in its own file (a
         reference view, masks, overlapping crops), geometric ops on PIL, another filter."""
-        from common.crop import FILTERS
-        from common.data import MultiViewDataset, View
         own = type(dataset).augment is not MultiViewDataset.augment
         if own or not all(isinstance(v, View) for v in dataset.views):
             raise DataError(f"--device-crop: {type(dataset).__name__} builds its views in its "
@@ -356,7 +363,6 @@ class DeviceAugment:
     def views(self, batch):
         """--device-crop: each view's crop, resize and flip of the batch's tiles, on the device
         (uint8 (N, 3, S, S), float64: Pillow's pixels)."""
-        from common.crop import resize_crop
         tiles = batch["tile"].to(self.device, non_blocking=True)
         return [resize_crop(tiles, b, size, resample, f)
                 for (size, resample), b, f in zip(self.crop, batch["boxes"], batch["flips"])]

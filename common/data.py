@@ -7,10 +7,15 @@ keeps float conversion and normalisation off the CPU workers and sends a quarter
 Augmentation is per sample and seeded from (seed, epoch, index): a sample looks the same in any
 worker, with any number of workers, and after a resume in the middle of an epoch. The photometric
 ops are described per view by common.augment.Photometric and run here, per image, or with
---device-aug batched on the training device from parameters drawn here.
+--device-aug batched on the training device from parameters drawn here. With a tile store
+(--data-store, packed by common.store) and --device-crop, the loader only gathers the stored
+tiles and draws every view's numbers; common.augment crops (common.crop) and augments on the
+device. The data path reads one way: files or store -> parameters (here) -> device views
+(common.augment, common.crop); this module imports neither.
 """
 import atexit
 import json
+import math
 import multiprocessing
 import signal
 import sys
@@ -452,6 +457,40 @@ class Solarize:
         return T.functional.solarize(img, self.threshold)
 
 
+def crop_box(height, width, scale, ratio):
+    """RandomResizedCrop's box -> (top, left, h, w), drawn with the same torch calls in the same
+    order as T.RandomResizedCrop.get_params (so the same numbers from the same seed: tested),
+    without its per-call overhead (API logging, size probing, the log of the ratio range as a
+    new tensor each call), which matter once the loader does little else."""
+    area = height * width
+    log_lo, log_hi = _log_ratio(tuple(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.empty(1).uniform_(log_lo, log_hi).exp_().item()
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            return top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w
+    # ten misses: the centred crop of the aspect ratio clamped to the range
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+_LOG_RATIO = {}
+
+
+def _log_ratio(ratio):
+    """The float32 logs of a ratio range, as get_params computes them (cached)."""
+    if ratio not in _LOG_RATIO:
+        _LOG_RATIO[ratio] = tuple(float(v) for v in torch.log(torch.tensor(ratio)))
+    return _LOG_RATIO[ratio]
+
+
 class View:
     """One augmented view: RandomResizedCrop and horizontal flip with their geometry recorded,
     any further geometric ops (`geometric`, on the PIL view: SimCLR histo's rotations), then the
@@ -474,7 +513,7 @@ class View:
     def draw(self, img, apply_photometric=True):
         """-> (uint8 CHW, box, flipped, photometric parameters: common.augment vector or None).
         The same random numbers are drawn whether the photometric ops are applied or not."""
-        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        top, left, h, w = crop_box(img.height, img.width, self.scale, self.ratio)
         box = (left, top, left + w, top + h)
         out = img.resize((self.size, self.size), self.interpolation, box=box)
         flip = bool(torch.rand(1) < self.flip_p)
@@ -491,18 +530,18 @@ class View:
             out = ph(out)
         return pil_to_uint8(out), torch.tensor(box, dtype=torch.float32), flip, params
 
-    def draw_params(self, img):
+    def draw_params(self, size):
         """draw()'s random numbers without its pixels (--device-crop: common.crop does the crop
-        on the device): -> (box, flipped, photometric parameters or None). img: anything
-        torchvision reads a size from (a (3, H, W) tensor, expanded from one element, will do).
-        The same calls in the same order as draw(), so the same numbers."""
+        on the device) for an image of size (H, W): -> (box, flipped, photometric parameters or
+        None). The same calls in the same order as draw(), so the same numbers."""
         if self.geometric is not None:
             raise DataError(f"--device-crop: this view has further geometric ops "
                             f"({self.geometric}) that run on PIL; run without --device-crop")
-        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        top, left, h, w = crop_box(*size, self.scale, self.ratio)
         flip = bool(torch.rand(1) < self.flip_p)
         params = self.photometric.sample() if hasattr(self.photometric, "sample") else None
-        return torch.tensor((left, top, left + w, top + h), dtype=torch.float32), flip, params
+        box = torch.from_numpy(np.array((left, top, left + w, top + h), dtype=np.float32))
+        return box, flip, params
 
     def __repr__(self):
         return (f"View(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
@@ -569,10 +608,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def draw_params(self, size, i):
         """--device-crop: augment()'s random numbers for an image of `size` (H, W), drawn
         exactly as augment() draws them, without pixels: {"boxes", "flips", "photo"}."""
-        stub = torch.empty(1, dtype=torch.uint8).expand(3, *size)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
-            out = [v.draw_params(stub) for v in self.views]
+            out = [v.draw_params(size) for v in self.views]
         return {"boxes": [o[0] for o in out], "flips": [o[1] for o in out],
                 "photo": [o[2] if o[2] is not None else torch.zeros(0, dtype=torch.float64)
                           for o in out]}

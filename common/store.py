@@ -124,8 +124,9 @@ def pack(args):
         try:
             old = cdata.StoreTiles(out, check_sources=False).index
         except DataError as e:
-            raise DataError(f"--out {out} exists and is not a usable store "
-                            f"({str(e).split(';')[0]}); delete it or choose another --out") from None
+            reason = str(e).split(";")[0]
+            raise DataError(f"--out {out} exists and is not a usable store ({reason}); delete "
+                            "it or choose another --out") from None
         if _same_plan(old, p):
             print(f"{out} is complete and up to date ({p['count']} tiles); nothing to do")
             return out
@@ -138,7 +139,8 @@ def pack(args):
         try:
             if _same_plan(json.loads((partial / "plan.json").read_text()), p):
                 crc = np.load(partial / "progress.npy")
-                if len(crc) != n or (partial / "tiles.u8").stat().st_size != n * shape[1] * shape[2] * 3:
+                nbytes = (partial / "tiles.u8").stat().st_size
+                if len(crc) != n or nbytes != n * shape[1] * shape[2] * 3:
                     crc = None
         except (OSError, ValueError):
             crc = None

@@ -104,7 +104,7 @@ def test_a_killed_pack_continues_where_it_stopped(tiny_store, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         pack(src, out)
     assert not out.exists() and (tmp_path / "again.store.partial").is_dir()
-    with pytest.raises(cdata.DataError, match=r"not finished .*rerun to complete it: .*common\.store"):
+    with pytest.raises(cdata.DataError, match=r"not finished .*rerun to complete it: .*store"):
         cdata.StoreTiles(out)
     calls.clear()
     monkeypatch.setattr(store, "_decode", lambda i: calls.append(i) or decode(i))
@@ -179,7 +179,6 @@ def test_device_crop_draws_the_files_numbers_and_gives_their_pixels(tiny_store):
 
 
 def test_device_crop_refuses_views_it_cannot_crop(tiny_store):
-    import concl
     import simclr
     st = cdata.StoreTiles(tiny_store[1])
     st.device_crop = True
@@ -189,6 +188,26 @@ def test_device_crop_refuses_views_it_cannot_crop(tiny_store):
     sub = type("Mine", (cdata.MultiViewDataset,), {"augment": lambda self, img, i: {}})
     with pytest.raises(cdata.DataError, match="Mine builds its views in its own file"):
         A.DeviceAugment(sub(st, [moco.augmentation("v2", 32)] * 2), torch.device("cpu"))
-    assert issubclass(concl.ConceptViews, cdata.MultiViewDataset)
     with pytest.raises(cdata.DataError, match="--device-crop needs --data-store"):
         cdata.build_dataset(argparse.Namespace(data="demo", data_store=None, device_crop=True))
+
+
+def test_crop_box_draws_torchvisions_numbers():
+    """The loader's lean RandomResizedCrop box equals T.RandomResizedCrop.get_params seed for
+    seed, the centred fallback after ten misses included (a 12 x 300 strip at scale 0.9-1)."""
+    import torchvision.transforms as T
+    cases = [((224, 224), (0.2, 1.0), (3 / 4, 4 / 3)), ((64, 48), (0.08, 1.0), (3 / 4, 4 / 3)),
+             ((12, 300), (0.9, 1.0), (3 / 4, 4 / 3)), ((300, 12), (0.9, 1.0), (0.5, 2.0))]
+    fallbacks = 0
+    for (h, w), scale, ratio in cases:
+        img = torch.empty(1, dtype=torch.uint8).expand(3, h, w)
+        for seed in range(200):
+            torch.manual_seed(seed)
+            want = T.RandomResizedCrop.get_params(img, scale, ratio)
+            after = torch.rand(1)
+            torch.manual_seed(seed)
+            assert cdata.crop_box(h, w, scale, ratio) == want, (h, w, seed)
+            assert torch.equal(torch.rand(1), after)  # the same number of draws
+            fallbacks += want[2:] != (h, w) and (want[0], want[1]) == ((h - want[2]) // 2,
+                                                                       (w - want[3]) // 2)
+    assert fallbacks > 0
