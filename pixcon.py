@@ -22,6 +22,7 @@ falls below 1 as out-of-overlap matches get weighed by their similarity). `m` cl
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ import densecl
 from common import cli
 from common import data as cdata
 from common import dist as cdist
+from common import pictures
 from common import train as ctrain
 from common.models import resnet, resnet_maps
 from moco import moco_logits
@@ -302,6 +304,63 @@ class PixCon(nn.Module):
                       "overlap": (m1.float().mean() + m2.float().mean()) / 2}
 
 
+# ----------------------------------------------------------------------------- seeing matches
+@torch.no_grad()
+def save_matches(model, dataset, indices, path, per_tile=4, cell=192):
+    """matches.png, one row per tile: view 1 with a few query cells (half inside the overlap),
+    view 2 with each one's positive in the same colour, and every query cell's weight."""
+    was, dev = model.training, next(model.parameters()).device
+    model.eval()  # running BN statistics: a few tiles need no batch statistics
+    ss = [dataset[i] for i in indices]
+    x1, x2 = (cdata.to_device(torch.stack([t["views"][v] for t in ss]), dev) for v in range(2))
+    boxes = [torch.stack([t["boxes"][v] for t in ss]).to(dev) for v in range(2)]
+    flips = [torch.tensor([t["flips"][v] for t in ss], device=dev) for v in range(2)]
+    b1 = resnet_maps(model.online[0], x1)[-1].flatten(2)       # query C5, as in training
+    b2 = resnet_maps(model.target[0], x2)[-1].flatten(2)       # key C5
+    model.train(was)
+    s = int(round(b1.shape[2] ** 0.5))
+    in1, in2 = intersection_boxes(boxes[0], boxes[1], flips[0], flips[1])
+    idx, w = (t.cpu() for t in positives(model.match, b1, b2, overlap_mask(in1, s),
+                                           (*boxes, *flips, s), model.power))
+    rows, px = [], cell / s
+    for n, i in enumerate(indices):
+        inside = overlap_mask(in1[n:n + 1], s)[0].cpu()
+        pick = [c[torch.linspace(0, len(c) - 1, per_tile // 2).round().long()].tolist() if len(c)
+                else [] for c in (inside.nonzero()[:, 0], (~inside).nonzero()[:, 0])]
+        q = sorted(set(pick[0] + pick[1]))
+        v1, v2 = (pictures.enlarge(pictures.to_rgb(x[n]), cell) for x in (x1, x2))
+        weight = pictures.enlarge(w[n].view(s, s).numpy(), cell)[..., None]
+        faded = (v1 * (0.2 + 0.8 * weight) + 255 * 0.8 * (1 - weight)).astype(np.uint8)
+        black = (0, 0, 0)  # the overlap
+        v1 = pictures.box(v1, *(in1[n] * cell).round().int().tolist(), black, 2)
+        v2 = pictures.box(v2, *(in2[n] * cell).round().int().tolist(), black, 2)
+        caption = []
+        for j, c in enumerate(q):
+            colour = pictures.PALETTE[j]
+            v1 = pictures.box(v1, c % s * px, c // s * px, (c % s + 1) * px, (c // s + 1) * px,
+                              colour, 3)
+            if w[n, c] > 0:
+                k = int(idx[n, c])
+                v2 = pictures.box(v2, k % s * px, k // s * px, (k % s + 1) * px,
+                                  (k // s + 1) * px, colour, 3)
+            caption.append(f"{float(w[n, c]):.2f}")
+        rows.append([(v1, f"tile {i}, view 1: {len(q)} query cells"),
+                     (v2, f"view 2: their positives; weights {', '.join(caption)}"),
+                     (faded, "view 1 faded by each query cell's weight (unfaded: 1)")])
+    rule = {"sim": "the key cell of the most similar C5 feature (PixCon-Sim)",
+            "sr": "the most similar key cell, weighted by its min-max normalised similarity "
+                  "squared outside the overlap (PixCon-SR)",
+            "coord": "the key cell at the same place of the tile; cells outside the key crop are "
+                     "dropped, weight 0 (PixCon-Coord)"}[model.match]
+    notes = [f"One colour is one query cell of view 1 and its positive in view 2: {rule}. Black "
+             f"outline: the part of each view that the other view also sees. C5 grid {s} x {s}; "
+             "features of the online backbone (view 1) and the EMA target (view 2), as in "
+             "training, in eval mode. Written at the end of the run."]
+    name = {"sim": "Sim", "sr": "SR", "coord": "Coord"}[model.match]
+    pictures.sheet(rows, f"PixCon-{name} matches", notes, cell).save(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- training
 def enqueue_direction(seed, step):
     """Which direction's keys this step enqueues (the released code: a coin flip per step).
@@ -354,6 +413,8 @@ def get_args(argv=None):
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=23,
                    help="Gaussian blur kernel size (sigma 0.1-2), as the released pipeline; "
                         "small kernels are cheaper on the CPU")
+    g.add_argument("--vis-tiles", type=cli.nonneg_int, default=4,
+                   help="matches.png at the end with this many tiles (0: off)")
     p.epilog = ("CPU example (minutes):\n  python pixcon.py --data demo --epochs 2 --batch-size 32 "
                 "--img-size 64 --queue-size 512")
     p.set_defaults(resume_keys=("match", "queue_size", "dim", "hidden_dim", "loss_lambda",
@@ -390,6 +451,9 @@ def main():
     ddp_model = run.wrap(model)
     for _ in trainer.epochs():
         train_one_epoch(ddp_model, optimizer, trainer, run, args)
+    if run.main and args.vis_tiles:
+        print(save_matches(model, dataset, range(min(args.vis_tiles, len(dataset))),
+                           run.out / "matches.png"), flush=True)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,12 @@ def to_rgb(x):
 
 
 def enlarge(img, size, nearest=False):
-    """uint8 (h, w, 3) or int (h, w) -> (size, size[, 3]); labels always nearest."""
+    """uint8 (h, w, 3) picture, or an (h, w) map of ids or floats -> (size, size[, 3]); maps
+    always by nearest (each cell stays one value)."""
     a = np.asarray(img)
     if a.ndim == 2:
-        return np.asarray(Image.fromarray(a.astype(np.int32)).resize((size, size), Image.NEAREST))
+        a = a.astype(np.float32 if a.dtype.kind == "f" else np.int32)
+        return np.asarray(Image.fromarray(a).resize((size, size), Image.NEAREST))
     return np.asarray(Image.fromarray(a).resize(
         (size, size), Image.NEAREST if nearest else Image.BICUBIC))
 

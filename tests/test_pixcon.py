@@ -394,3 +394,26 @@ def test_neck_linear_layers_keep_pytorchs_init_as_released():
     for m in (neck.glob[0], neck.glob[3]):
         assert m.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)
         assert m.bias.abs().max().item() > 0
+
+
+def test_matches_picture_marks_each_query_and_its_positive_in_one_colour(monkeypatch):
+    """Issue 24.5: matches.png. Coord on two views of the same crop: every query cell's
+    positive is the same cell, weight 1, drawn in the query's colour at the same place."""
+    from common import pictures
+    seen = {}
+    monkeypatch.setattr(pictures, "sheet", lambda rows, *a, **kw: seen.setdefault("rows", rows)
+                        and types.SimpleNamespace(save=lambda path: None))
+    view = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    sample = {"views": [view, view], "boxes": [torch.tensor([0.0, 0, 64, 64])] * 2,
+              "flips": [False, False]}
+    torch.manual_seed(0)
+    model = pixcon.PixCon(K=16, match="coord")
+    pixcon.save_matches(model, [sample] * 2, range(2), "unused.png", cell=64)
+    rows = seen["rows"]
+    assert len(rows) == 2 and [len(r) for r in rows] == [3, 3]
+    (v1, c1), (v2, c2), (faded, _) = rows[0]
+    assert c1 == "tile 0, view 1: 2 query cells"                 # cells 0 and 3 of the 2 x 2 grid
+    assert c2 == "view 2: their positives; weights 1.00, 1.00"
+    for j, (y, x) in enumerate(((16, 1), (48, 62))):              # left edge of cell 0, right of 3
+        assert tuple(v1[y, x]) == tuple(v2[y, x]) == tuple(pictures.PALETTE[j])
+    assert model.training                                          # train mode restored
