@@ -235,7 +235,8 @@ class DetConB(byol.BYOL):
 # ----------------------------------------------------------------------------- seeing masks
 def mask_source(a):
     return {"fh": f"FH scale {a.fh_scale} min_size {a.fh_min_size}",
-            "grid": f"{a.grid_size} x {a.grid_size} grid", "file": f"files in {a.mask_dir}"}[a.masks]
+            "grid": f"{a.grid_size} x {a.grid_size} grid",
+            "file": f"files in {a.mask_dir}"}[a.masks]
 
 
 def save_masks(dataset, indices, path):
@@ -319,7 +320,8 @@ def get_args(argv=None):
     S, B = variant_defaults("S"), variant_defaults("B")
     derived = {"lr": f"lr at global batch 1024, scaled linearly; default the parent's NCT recipe,"
                      f" S: {S['lr']} (simclr.py), B: {B['lr']} (byol.py). The released rates "
-                     f"(0.3 / 0.2 x B/256): --lr {RELEASED_LR['S']} (S), --lr {RELEASED_LR['B']} (B)",
+                     f"(0.3 / 0.2 x B/256): --lr {RELEASED_LR['S']} (S), "
+                     f"--lr {RELEASED_LR['B']} (B)",
                "weight_decay": f"default S: {S['weight_decay']} (simclr.py), B: "
                                f"{B['weight_decay']} (byol.py)"}
     for action in p._actions:

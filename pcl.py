@@ -100,8 +100,8 @@ def lloyd(x, c, iters, block=BLOCK):
 @ctrain.fp32
 def kmeans(x, k, iters=20, redo=5, seed=0, block=BLOCK):
     """Euclidean k-means of x (N, D) on its device, in fp32 even under --amp, the best of `redo`
-    seeded restarts by inertia (faiss niter 20, nredo 5 as the released code) -> centroids (k, D), labels (N,), squared
-    distances (N,) of every point to its centroid."""
+    seeded restarts by inertia (faiss niter 20, nredo 5 as the released code) -> centroids
+    (k, D), labels (N,), squared distances (N,) of every point to its centroid."""
     g = torch.Generator(device=x.device).manual_seed(seed)
     best = None
     for _ in range(redo):
@@ -220,8 +220,9 @@ def e_step_view(size):
 
 @torch.no_grad()
 def embed_tiles(encoder, base, run, args):
-    """(N, D) L2-normalised momentum embeddings of every tile of `base` (e_step_view, eval-mode BN with rank 0's statistics), each process embedding a contiguous
-    share of whole batches of 4 x --batch-size tiles (so every batch, and every bit of the
+    """(N, D) L2-normalised momentum embeddings of every tile of `base` (e_step_view,
+    eval-mode BN with rank 0's statistics), each process embedding a contiguous share of whole
+    batches of 4 x --batch-size tiles (so every batch, and every bit of the
     result, is the same on any number of processes); gathered, in dataset order."""
     n, b = len(base), 4 * args.batch_size
     per = math.ceil(math.ceil(n / b) / run.world) * b

@@ -322,7 +322,7 @@ def save_matches(model, dataset, indices, path, per_tile=4, cell=192):
     in1, in2 = intersection_boxes(boxes[0], boxes[1], flips[0], flips[1])
     idx, w = (t.cpu() for t in positives(model.match, b1, b2, overlap_mask(in1, s),
                                            (*boxes, *flips, s), model.power))
-    rows, px = [], cell / s
+    rows = []
     for n, i in enumerate(indices):
         inside = overlap_mask(in1[n:n + 1], s)[0].cpu()
         pick = [c[torch.linspace(0, len(c) - 1, per_tile // 2).round().long()].tolist() if len(c)
@@ -331,19 +331,13 @@ def save_matches(model, dataset, indices, path, per_tile=4, cell=192):
         v1, v2 = (pictures.enlarge(pictures.to_rgb(x[n]), cell) for x in (x1, x2))
         weight = pictures.enlarge(w[n].view(s, s).numpy(), cell)[..., None]
         faded = (v1 * (0.2 + 0.8 * weight) + 255 * 0.8 * (1 - weight)).astype(np.uint8)
-        black = (0, 0, 0)  # the overlap
-        v1 = pictures.box(v1, *(in1[n] * cell).round().int().tolist(), black, 2)
-        v2 = pictures.box(v2, *(in2[n] * cell).round().int().tolist(), black, 2)
-        caption = []
+        v1 = pictures.box(v1, *(in1[n] * cell).round().int().tolist(), (0, 0, 0), 2)  # overlap
+        v2 = pictures.box(v2, *(in2[n] * cell).round().int().tolist(), (0, 0, 0), 2)
         for j, c in enumerate(q):
-            colour = pictures.PALETTE[j]
-            v1 = pictures.box(v1, c % s * px, c // s * px, (c % s + 1) * px, (c // s + 1) * px,
-                              colour, 3)
-            if w[n, c] > 0:
-                k = int(idx[n, c])
-                v2 = pictures.box(v2, k % s * px, k // s * px, (k % s + 1) * px,
-                                  (k // s + 1) * px, colour, 3)
-            caption.append(f"{float(w[n, c]):.2f}")
+            v1 = pictures.cell_box(v1, c, s, pictures.PALETTE[j])
+            if w[n, c] > 0:  # coord: a query outside the key crop has no positive
+                v2 = pictures.cell_box(v2, int(idx[n, c]), s, pictures.PALETTE[j])
+        caption = [f"{float(w[n, c]):.2f}" for c in q]
         rows.append([(v1, f"tile {i}, view 1: {len(q)} query cells"),
                      (v2, f"view 2: their positives; weights {', '.join(caption)}"),
                      (faded, "view 1 faded by each query cell's weight (unfaded: 1)")])

@@ -74,6 +74,12 @@ def box(img, x0, y0, x1, y1, colour, width=2):
     return np.asarray(pil)
 
 
+def cell_box(img, c, s, colour, width=3):
+    """Outline cell c (row-major) of an s x s grid laid over the picture."""
+    px = img.shape[0] / s
+    return box(img, c % s * px, c // s * px, (c % s + 1) * px, (c // s + 1) * px, colour, width)
+
+
 def _wrap(draw, text, f, width):
     lines, line = [], ""
     for word in text.split():

@@ -427,7 +427,8 @@ def test_two_processes_gloo(tmp_path):
 
 @pytest.mark.parametrize("script, shown", [
     ("mcl", ["nearest (default)"]),
-    ("pcl", ["default PIL GaussianBlur", "default per-process batch / 32", "torchvision (default)"]),
+    ("pcl", ["default PIL GaussianBlur", "default per-process batch / 32",
+             "torchvision (default)"]),
     ("detcon", ["default PIL GaussianBlur"]),
     ("pixcon", [])])
 def test_help_shows_defaults_and_a_cpu_example(script, shown, capsys):
