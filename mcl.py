@@ -1,7 +1,7 @@
 """MCL: multi-level contrastive learning, montages of down-sampled views retrieve their image.
 
-Guo et al., "Multi-Level Contrastive Learning for Dense Prediction Task" (arXiv 2304.02010; the
-appendix in ../shared/papers). Per branch, level 0 holds the B views themselves and level i the
+Guo et al., "Multi-Level Contrastive Learning for Dense Prediction Task" (arXiv 2304.02010 and
+its appendix). Per branch, level 0 holds the B views themselves and level i the
 B / 4^i montages of views down-sampled by 2^i, tiled 2^i x 2^i; one forward of ResNet + FPN sees
 them all. Each level-i sub-image is exactly one w x w window (w = img/32: 7 at 224 px) of FPN map
 P_{5-i}; windows go one by one through a shared 4-conv head, a projector and the level's
