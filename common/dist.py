@@ -16,13 +16,15 @@ def init_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    # More processes than GPUs share them round-robin: only with DIST_BACKEND=gloo (NCCL refuses
+    # two ranks on one GPU); scripts/gpu_check.sh runs two processes on one GPU that way.
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                                timeout=timedelta(minutes=30),
-                                device_id=device if cuda else None)
+        backend = os.environ.get("DIST_BACKEND") or ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=30),
+                                device_id=device if cuda and backend == "nccl" else None)
     return rank, world, local, device
 
 

@@ -45,6 +45,12 @@ def main(out, methods, extra):
                       and not x.is_contiguous()))
         return y
     nn.Conv2d.forward = recording
+    sync_forward = nn.SyncBatchNorm.forward
+
+    def recording_sync(self, x):
+        seen.add(("syncbn", None))
+        return sync_forward(self, x)
+    nn.SyncBatchNorm.forward = recording_sync
     for m in methods:
         seen.clear()
         folder = out / m
@@ -53,9 +59,9 @@ def main(out, methods, extra):
             importlib.import_module(m).main()
             losses = [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines()]
             assert losses and all(math.isfinite(v) for v in losses), losses
-            dtypes = sorted({d for d, _ in seen})
-            print(f"twin {m} ok {','.join(dtypes)} channels_last={any(c for _, c in seen)}",
-                  flush=True)
+            dtypes = sorted({d for d, c in seen if c is not None})
+            print(f"twin {m} ok {','.join(dtypes)} channels_last={any(c for _, c in seen)} "
+                  f"syncbn={('syncbn', None) in seen}", flush=True)
         except BaseException as e:  # noqa: BLE001 - report and go on (or stop: a rank may hang)
             last = traceback.format_exception_only(type(e), e)[-1].strip()
             print(f"twin {m} FAIL {last}", flush=True)
