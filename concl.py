@@ -12,9 +12,9 @@ features), 20 warm-up epochs of instance loss, lambda = 1 (methods.md section 6,
         --queue-size 512 --vis-every 1                                                 # CPU
 
 A healthy log: during warm-up it is MoCo v2 (loss from log(K+1) = 9.70); when concepts switch on,
-`loss_concept` starts near its own chance level and falls, `n_concepts` (shared concepts per
-image) stays well above 1 (about 5-8 for K = 8), and concepts_epochNNN.png shows regions that
-follow tissue structure and sharpen over training.
+`loss_concept` starts near its own chance level and falls, `shared_concepts` (the concepts per
+image found in both views, the ones contrasted) stays well above 1 (about 5-8 for K = 8), and
+concepts_epochNNN.png shows regions that follow tissue structure and sharpen over training.
 """
 import math
 from pathlib import Path
@@ -29,7 +29,7 @@ from common import cli
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
-from common.masks import FHCache, felzenszwalb, grid_labels, kmeans
+from common.masks import FHCache, felzenszwalb, grid_labels, kmeans, one_hot
 from common.models import resnet_maps
 from moco import MoCo, augmentation, check_moco_args, info_nce, lr_at, moco_logits
 
@@ -57,18 +57,26 @@ def _cover(lo, hi, n_out, n_in):
     return (torch.minimum(b, r + 1) - torch.maximum(a, r)).clamp_min(0)
 
 
-def view_masks(ref_labels, ref_boxes, view_boxes, flips, size):
+def view_masks(ref_labels, ref_boxes, view_boxes, flips, size, num_ids=None):
     """Concepts of the reference view as seen by each view.
 
-    ref_labels (B, R, R) ids >= 0 (-1 = no concept) over the reference crop ref_boxes (B, 4);
-    view_boxes (B, 4) in original-image pixels, flips (B,) -> (B, size, size): each view cell
-    takes the concept covering most of its area (ties -> lowest id), mirrored when flipped. The
-    official code rounds the crop to whole reference cells before adaptive pooling; here the
-    areas are exact.
+    ref_labels (B, R, R) ids in [0, num_ids) (-1 = no concept; num_ids default: the largest id
+    + 1, read from the device) over the reference crop ref_boxes (B, 4); view_boxes (B, 4) in
+    original-image pixels, flips (B,) -> (B, size, size): each view cell takes the concept
+    covering most of its area (ties -> lowest id), mirrored when flipped. The official code
+    rounds the crop to whole reference cells before adaptive pooling; here the areas are exact.
+    Always fp32 (under --amp too: the 1e-6 tie-break is below bf16's resolution).
     """
+    with torch.autocast(ref_labels.device.type, enabled=False):
+        return _view_masks(ref_labels, ref_boxes, view_boxes, flips, size, num_ids)
+
+
+def _view_masks(ref_labels, ref_boxes, view_boxes, flips, size, num_ids):
     B, R, _ = ref_labels.shape
-    k = int(ref_labels.max()) + 2 if ref_labels.numel() else 1
-    onehot = F.one_hot(ref_labels.long() + 1, k).permute(0, 3, 1, 2).float()  # (B, k, R, R), 0 = none
+    if num_ids is None:
+        num_ids = int(ref_labels.max()) + 1 if ref_labels.numel() else 0
+    k = num_ids + 1
+    onehot = one_hot(ref_labels.long() + 1, k, torch.float32).permute(0, 3, 1, 2)  # (B, k, R, R), 0 = none
     rb, vb = ref_boxes.float(), view_boxes.float()
     sx, sy = R / (rb[:, 2] - rb[:, 0]), R / (rb[:, 3] - rb[:, 1])
     wy = _cover((vb[:, 1] - rb[:, 1]) * sy, (vb[:, 3] - rb[:, 1]) * sy, size, R)   # (B, size, R)
@@ -82,19 +90,21 @@ def view_masks(ref_labels, ref_boxes, view_boxes, flips, size):
     return torch.where(flips[:, None, None], labels.flip(2), labels)
 
 
-def shared_prototypes(feat_q, feat_k, lab_q, lab_k):
+def shared_prototypes(feat_q, feat_k, lab_q, lab_k, num_ids=None):
     """Masked average pooling of every concept present in both views.
 
-    feat (B, C, S) C5 features, lab (B, S) concept ids (-1 none) -> (n, C), (n, C) mean feature
-    of each shared concept in the query and key view, and (n,) its image index."""
-    k = int(max(lab_q.max(), lab_k.max())) + 2
-    oq = F.one_hot(lab_q + 1, k)[..., 1:].to(feat_q.dtype)  # (B, S, k-1)
-    ok = F.one_hot(lab_k + 1, k)[..., 1:].to(feat_k.dtype)
+    feat (B, C, S) C5 features, lab (B, S) concept ids in [0, num_ids) (-1 none; default: the
+    largest + 1) -> (n, C), (n, C) mean feature of each shared concept in the query and key
+    view, and (n,) its image index."""
+    k = (num_ids if num_ids is not None else int(max(lab_q.max(), lab_k.max())) + 1) + 1
+    oq = one_hot(lab_q, k - 1, feat_q.dtype)  # (B, S, k-1)
+    ok = one_hot(lab_k, k - 1, feat_k.dtype)
     nq, nk = oq.sum(1), ok.sum(1)                             # (B, k-1) cells per concept
     shared = (nq > 0) & (nk > 0)
     pq = torch.bmm(oq.transpose(1, 2), feat_q.transpose(1, 2)) / nq.clamp_min(1)[..., None]
     pk = torch.bmm(ok.transpose(1, 2), feat_k.transpose(1, 2)) / nk.clamp_min(1)[..., None]
-    return pq[shared], pk[shared], shared.nonzero()[:, 0]
+    img, concept = shared.nonzero().unbind(1)  # one host read: how many are shared
+    return pq[img, concept], pk[img, concept], img
 
 
 def fixed_count(keys, n):
@@ -208,9 +218,9 @@ class ConCL(MoCo):
     @torch.no_grad()
     def enqueue_concepts(self, keys):
         keys = cdist.concat_all_gather(keys)[-self.K:]  # the same fixed count from every process
-        idx = (int(self.concept_ptr) + torch.arange(keys.shape[0], device=keys.device)) % self.K
+        ptr = self.advance("concept_ptr", keys.shape[0])
+        idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
         self.concept_queue[idx] = keys        # a ring with wrap-around, as the official code
-        self.concept_ptr.fill_(int(idx[-1] + 1) % self.K)
 
     def forward(self, x_q, x_k, batch=None, ref=None, concepts=True):
         c5_q, q = self.encode(self.encoder_q, x_q)
@@ -232,11 +242,13 @@ class ConCL(MoCo):
         with torch.no_grad():
             dev = x_q.device
             ref_labels = self.reference_labels(batch, ref, dev)
-            size = c5_q.shape[-1]
+            size, ids = c5_q.shape[-1], self.args.concept_ids
             ref_box = batch["ref_box"].to(dev)
-            lab_q = view_masks(ref_labels, ref_box, batch["boxes"][0].to(dev), batch["flips"][0], size)
-            lab_k = view_masks(ref_labels, ref_box, batch["boxes"][1].to(dev), batch["flips"][1], size)
-        pq, pk, _ = shared_prototypes(c5_q.flatten(2), c5_k.flatten(2), lab_q.flatten(1), lab_k.flatten(1))
+            lab_q, lab_k = (view_masks(ref_labels, ref_box, batch["boxes"][v].to(dev),
+                                       batch["flips"][v].to(dev), size, ids) for v in (0, 1))
+        # the one host synchronisation of a step: how many concepts both views share
+        pq, pk, _ = shared_prototypes(c5_q.flatten(2), c5_k.flatten(2), lab_q.flatten(1),
+                                      lab_k.flatten(1), ids)
         cq = F.normalize(self.encoder_q[1](pq), dim=1)
         with torch.no_grad():
             ck = F.normalize(self.encoder_k[1](pk), dim=1)
@@ -250,13 +262,14 @@ class ConCL(MoCo):
         lam = self.args.concept_weight
         loss = lam * loss_con + (1 - lam) * loss_inst
         return loss, {"loss": loss.detach(), **parts, "loss_concept": loss_con.detach(),
-                      "acc_concept": 100 * acc_con, "n_concepts": cq.shape[0] / x_q.shape[0]}
+                      "acc_concept": 100 * acc_con, "shared_concepts": cq.shape[0] / x_q.shape[0]}
 
 
 # ----------------------------------------------------------------------------- seeing concepts
-def overlay(img, labels, alpha=0.45, cell=None):
-    """uint8 (3, H, W) image + (h, w) ids -> (cell, cell, 3) uint8 (default H x W) with ids
-    painted (-1 unpainted); the image is enlarged bicubically, the ids by nearest."""
+def overlay(img, labels, alpha=0.2, cell=None, width=2):
+    """uint8 (3, H, W) image + (h, w) ids -> (cell, cell, 3) uint8 (default H x W): each id's
+    region lightly tinted in its colour and outlined in it (`width` px), so the tissue's own
+    colours stay readable; -1 is left as it is. Image enlarged bicubically, ids by nearest."""
     pil = Image.fromarray(img.permute(1, 2, 0).numpy())
     cell = cell or pil.width
     base = np.asarray(pil.resize((cell, cell), Image.BICUBIC)).astype(np.float32)
@@ -264,26 +277,44 @@ def overlay(img, labels, alpha=0.45, cell=None):
         return base.astype(np.uint8)
     lab = np.asarray(Image.fromarray(labels.cpu().numpy().astype(np.int32)).resize(
         (cell, cell), Image.NEAREST))
-    colour = PALETTE[lab % len(PALETTE)]
-    out = np.where((lab >= 0)[..., None], (1 - alpha) * base + alpha * colour, base)
-    return out.astype(np.uint8)
+    colour = PALETTE[lab % len(PALETTE)].astype(np.float32)
+    edge = np.zeros(lab.shape, bool)  # pixels within `width` of another id
+    for s in range(1, width + 1):
+        edge[:-s] |= lab[:-s] != lab[s:]
+        edge[s:] |= lab[s:] != lab[:-s]
+        edge[:, :-s] |= lab[:, :-s] != lab[:, s:]
+        edge[:, s:] |= lab[:, s:] != lab[:, :-s]
+    a = np.where(lab >= 0, np.where(edge, 1.0, alpha), 0.0)[..., None]
+    return ((1 - a) * base + a * colour).astype(np.uint8)
 
 
-def sheet(rows, headers, cell):
-    """Rows of equal (cell, cell, 3) pictures under a header line naming each column."""
+def sheet(rows, headers, cell, captions=(), note=""):
+    """Rows of equal (cell, cell, 3) pictures under a header naming each column and a note; a
+    caption line under each row."""
     from PIL import ImageDraw
-    grid = np.concatenate([np.concatenate(r, 1) for r in rows], 0)
-    top = Image.new("RGB", (grid.shape[1], 18), "white")
+    line = 14
+    parts = []
+    for r, row in enumerate(rows):
+        parts.append(np.concatenate(row, 1))
+        if r < len(captions):
+            strip = Image.new("RGB", (parts[-1].shape[1], line + 4), "white")
+            ImageDraw.Draw(strip).text((4, 2), captions[r], fill="black")
+            parts.append(np.asarray(strip))
+    grid = np.concatenate(parts, 0)
+    top = Image.new("RGB", (grid.shape[1], 2 * line + 8 if note else line + 4), "white")
     draw = ImageDraw.Draw(top)
     for c, h in enumerate(headers):
         draw.text((c * cell + 4, 3), h, fill="black")
+    if note:
+        draw.text((4, line + 5), note, fill=(90, 90, 90))
     return Image.fromarray(np.concatenate([np.asarray(top), grid], 0))
 
 
 @torch.no_grad()
 def save_concepts(model, batch, args, path, cell=None):
     """PNG, one row per tile: x_r, x_r with concepts, query view and key view with the concepts
-    mapped into them (the paper's Fig. 3 / A.1); columns at least 112 px wide."""
+    mapped into them (the paper's Fig. 3 / A.1); columns at least 112 px wide. Under each row:
+    the concepts of x_r and how many both views share (the log's `shared_concepts`)."""
     was_training = model.training
     model.eval()  # running BN statistics: a few tiles need no BN groups
     dev = next(model.parameters()).device
@@ -291,29 +322,46 @@ def save_concepts(model, batch, args, path, cell=None):
     ref = batch["ref"]
     labels = model.reference_labels(batch, cdata.to_device(ref, dev), dev).cpu()
     size = args.img_size // 32
-    rows = []
+    rows, captions = [], []
     for b in range(ref.shape[0]):
         row = [overlay(ref[b], None, cell=cell), overlay(ref[b], labels[b], cell=cell)]
+        seen = []
         for v in range(2):
             lab = view_masks(labels[b:b + 1], batch["ref_box"][b:b + 1], batch["boxes"][v][b:b + 1],
-                             batch["flips"][v][b:b + 1], size)[0]
+                             batch["flips"][v][b:b + 1], size, args.concept_ids)[0]
             row.append(overlay(batch["views"][v][b], lab, cell=cell))
+            seen.append(set(lab[lab >= 0].tolist()))
         rows.append(row)
+        n_ref = len(set(labels[b][labels[b] >= 0].tolist()))
+        captions.append(f"{n_ref} concepts in x_r; {len(seen[0] & seen[1])} in both views "
+                        f"(contrasted), {len(seen[0] ^ seen[1])} in one view only")
+    note = "one colour = one concept, the same in every column of a row (colours are per tile)"
     sheet(rows, ["reference x_r", f"concepts ({args.concept})", "query view", "key view"],
-          cell).save(path)
+          cell, captions, note).save(path)
     model.train(was_training)
     return path
 
 
 # ----------------------------------------------------------------------------- training
+GEOMETRY = ("ref_box", "boxes", "flips", "ref_labels")  # what forward() reads of a batch
+
+
+def concept_inputs(batch, device):
+    """The crop geometry (and fh/file label maps) forward() needs, on the device. Only these:
+    DDP copies every tensor it is given to the device, the batch's images included."""
+    move = lambda t: t.to(device, non_blocking=True) if torch.is_tensor(t) else [move(u) for u in t]
+    return {k: move(batch[k]) for k in GEOMETRY if k in batch}
+
+
 def train_one_epoch(model, optimizer, trainer, run, args):
     concepts = trainer.epoch >= args.warmup_epochs
     for step, batch in trainer.steps(trainer.epoch):
         lr = ctrain.set_lr(optimizer, lr_at(args, trainer.global_step(), trainer.steps_per_epoch))
         x_q, x_k = (run.images(v) for v in batch["views"])
         ref = run.images(batch["ref"]) if concepts and args.concept == "kmeans" else None
+        geometry = concept_inputs(batch, run.device) if concepts else None
         with run.autocast():
-            loss, parts = model(x_q, x_k, batch, ref, concepts)
+            loss, parts = model(x_q, x_k, geometry, ref, concepts)
         trainer.backward_step(optimizer, loss, parts)
         trainer.update(parts, lr)
 

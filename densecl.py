@@ -82,10 +82,10 @@ class DenseCL(MoCo):
     @torch.no_grad()
     def enqueue2(self, keys):
         keys = cdist.concat_all_gather(keys)
-        n, ptr = keys.shape[0], int(self.queue2_ptr)
+        n = keys.shape[0]
         assert self.K % n == 0, f"queue size {self.K} is not a multiple of the global batch {n}"
+        ptr = self.advance("queue2_ptr", n)
         self.queue2[ptr:ptr + n] = keys
-        self.queue2_ptr.fill_((ptr + n) % self.K)
 
     @staticmethod
     def encode(encoder, dense, x):

@@ -82,6 +82,19 @@ class MoCo(nn.Module):
             p.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))  # (K, D)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # Queue pointers live on the host (reading a device buffer each step would stall the
+        # GPU); the buffers mirror them for checkpoints and are read back once after a load.
+        self._host_ptr = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module._host_ptr.clear())
+
+    def advance(self, name, n):
+        """The ring pointer buffer `name` -> its current value (a host int), moved on by n."""
+        ptr = self._host_ptr.get(name)
+        if ptr is None:  # first step, or after load_state_dict: one read
+            ptr = int(getattr(self, name))
+        self._host_ptr[name] = (ptr + n) % self.K
+        getattr(self, name).fill_(self._host_ptr[name])
+        return ptr
 
     @torch.no_grad()
     def momentum_update(self):
@@ -93,10 +106,10 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def enqueue(self, keys):
         keys = cdist.concat_all_gather(keys)  # (global batch, D), same on every rank
-        n, ptr = keys.shape[0], int(self.queue_ptr)
+        n = keys.shape[0]
         assert self.K % n == 0, f"queue size {self.K} is not a multiple of the global batch {n}"
+        ptr = self.advance("queue_ptr", n)
         self.queue[ptr:ptr + n] = keys
-        self.queue_ptr.fill_((ptr + n) % self.K)
 
     def forward(self, x_q, x_k):
         q = F.normalize(self.encoder_q(x_q), dim=1)

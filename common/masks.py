@@ -14,6 +14,12 @@ from PIL.PngImagePlugin import PngInfo
 from common.data import DataError
 
 
+def one_hot(labels, k, dtype):
+    """F.one_hot without its range check, which reads the labels' min and max back to the host
+    on the CPU (not on CUDA); ids outside [0, k) get an all-zero row."""
+    return (labels.unsqueeze(-1) == torch.arange(k, device=labels.device)).to(dtype)
+
+
 @torch.no_grad()
 def kmeans(x, k, iters=10):
     """Cosine k-means per item of a batch, on the device.
@@ -22,35 +28,40 @@ def kmeans(x, k, iters=10):
     on the cosine distance, so well-separated clusters are found (ConCL's random init with replacement
     can start two centroids on one cluster, pitfall P16); a cluster left empty is re-seeded with
     the point farthest from its centroid. Randomness comes from torch's global RNG.
+
+    Always fp32, also inside bf16 autocast (--amp): bf16 similarities (8 bits of mantissa) change
+    the partition of most images. A fixed number of iterations and no data-dependent Python
+    branches: no host synchronisation (torch.multinomial would check its input with one).
     """
-    x = F.normalize(x.float(), dim=-1)
-    B, N, _ = x.shape
-    k = min(k, N)
-    rows = torch.arange(B, device=x.device)
-    centres = x[rows, torch.randint(N, (B,), device=x.device)].unsqueeze(1)   # (B, 1, D)
-    dist = 1 - (x @ centres.transpose(1, 2)).squeeze(2)                       # (B, N)
-    trials = 2 + int(np.log(k))  # greedy k-means++ (as scikit-learn): best of a few draws
-    for _ in range(1, k):
-        p = dist.clamp_min(0) ** 2 + 1e-12
-        cand = torch.multinomial(p / p.sum(1, keepdim=True), trials)            # (B, L)
-        cand_dist = torch.minimum(dist.unsqueeze(2),
-                                  1 - x @ x[rows[:, None], cand].transpose(1, 2))  # (B, N, L)
-        best = (cand_dist.clamp_min(0) ** 2).sum(1).argmin(1)                   # (B,)
-        centres = torch.cat([centres, x[rows, cand[rows, best]].unsqueeze(1)], 1)
-        dist = cand_dist[rows, :, best]
-    for _ in range(iters):
-        sim = x @ centres.transpose(1, 2)                                     # (B, N, k)
-        labels = sim.argmax(2)
-        onehot = F.one_hot(labels, k).to(x.dtype)
-        sums = onehot.transpose(1, 2) @ x                                     # (B, k, D)
-        centres = F.normalize(sums, dim=-1)
-        empty = onehot.sum(1) == 0                                            # (B, k)
-        if empty.any():
-            own = sim.gather(2, labels.unsqueeze(2)).squeeze(2)               # (B, N)
-            for b in torch.nonzero(empty.any(1)).flatten().tolist():
-                far = own[b].argsort()[: int(empty[b].sum())]                 # least similar
-                centres[b, empty[b]] = x[b, far]
-    return (x @ centres.transpose(1, 2)).argmax(2)
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1)
+        B, N, _ = x.shape
+        k = min(k, N)
+        rows = torch.arange(B, device=x.device)
+        centres = x[rows, torch.randint(N, (B,), device=x.device)].unsqueeze(1)   # (B, 1, D)
+        dist = 1 - (x @ centres.transpose(1, 2)).squeeze(2)                       # (B, N)
+        trials = 2 + int(np.log(k))  # greedy k-means++ (as scikit-learn): best of a few draws
+        for _ in range(1, k):
+            # `trials` draws without replacement, P ~ dist^2: the largest p / Exp(1) (no sync)
+            p = dist.clamp_min(0) ** 2 + 1e-12
+            cand = (p / torch.empty_like(p).exponential_()).topk(trials, 1).indices  # (B, L)
+            cand_dist = torch.minimum(dist.unsqueeze(2),
+                                      1 - x @ x[rows[:, None], cand].transpose(1, 2))  # (B, N, L)
+            best = (cand_dist.clamp_min(0) ** 2).sum(1).argmin(1)                   # (B,)
+            centres = torch.cat([centres, x[rows, cand[rows, best]].unsqueeze(1)], 1)
+            dist = cand_dist[rows, :, best]
+        for _ in range(iters):
+            sim = x @ centres.transpose(1, 2)                                     # (B, N, k)
+            labels = sim.argmax(2)
+            onehot = one_hot(labels, k, x.dtype)
+            centres = F.normalize(onehot.transpose(1, 2) @ x, dim=-1)             # (B, k, D)
+            # an empty cluster takes the least similar point of its item: the j-th empty
+            # cluster the j-th least similar (computed for all, kept where empty)
+            empty = onehot.sum(1) == 0                                            # (B, k)
+            far = sim.gather(2, labels.unsqueeze(2)).squeeze(2).argsort(1)        # (B, N)
+            nth = (empty.long().cumsum(1) - 1).clamp(0, N - 1)                    # (B, k)
+            centres = torch.where(empty.unsqueeze(2), x[rows[:, None], far.gather(1, nth)], centres)
+        return (x @ centres.transpose(1, 2)).argmax(2)
 
 
 def grid_labels(size, g):
@@ -150,9 +161,14 @@ def _init_worker(job):
 
 
 def _fill(i):
+    """Check entry i as training does (it must match its image's size and pixels) and compute
+    it if missing or not -> 0 valid, 1 computed (was missing), 2 recomputed (stale, swapped or
+    unreadable)."""
     base, cache, root, seed = _job
     img = base.load(i)[0] if hasattr(base, "load") else base[i][0]
-    return cache.load(FHCache.key(base, i, root, seed), img)[1]
+    key = FHCache.key(base, i, root, seed)
+    existed = cache.path(key).exists()
+    return cache.load(key, img)[1] * (1 + existed)
 
 
 def precompute(argv=None):
@@ -165,7 +181,10 @@ def precompute(argv=None):
     from common import cli
     from common import data as cdata
     p = cli.parser("Fill the FH mask cache that concl.py --concept fh and detcon.py --masks fh "
-                   "read, for a whole dataset, with worker processes; a rerun resumes.\n\n")
+                   "read, for a whole dataset, with worker processes; a rerun resumes. Every "
+                   "entry is checked against its image as training checks it (size and a CRC of "
+                   "the pixels): a stale, swapped or unreadable file is recomputed.\n\n")
+    p.prog = "python -m common.masks"
     cdata.add_data_args(p)
     p.add_argument("--mask-cache", required=True, help="cache folder (the training's --mask-cache)")
     p.add_argument("--fh-scale", type=cli.positive_int, default=1000,
@@ -176,29 +195,27 @@ def precompute(argv=None):
     args = p.parse_args(argv)
     base = cdata.build_dataset(args)
     cache = FHCache(args.mask_cache, args.fh_scale, args.fh_min_size)
-    keys = [FHCache.key(base, i, args.data_root, args.seed) for i in range(len(base))]
-    todo = [i for i, k in enumerate(keys) if not cache.path(k).exists()]
-    done = len(keys) - len(todo)
-    print(f"{len(keys)} tiles, {done} already cached in {cache.folder}; computing {len(todo)} "
-          f"with {max(args.workers, 1)} processes", flush=True)
-    job, t0, cpu0, computed = (base, cache, args.data_root, args.seed), time.perf_counter(), _cpu(), 0
-    bar = tqdm(total=len(keys), initial=done, unit="tile", dynamic_ncols=True)
+    n = len(base)
+    print(f"{n} tiles: checking the cache {cache.folder} against them and computing what is "
+          f"missing or stale, with {max(args.workers, 1)} processes", flush=True)
+    job, t0, cpu0, counts = (base, cache, args.data_root, args.seed), time.perf_counter(), _cpu(), [0, 0, 0]
+    bar = tqdm(total=n, unit="tile", dynamic_ncols=True)
     if args.workers > 1:
         ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
         with ctx.Pool(args.workers, _init_worker, (job,)) as pool:
-            for c in pool.imap_unordered(_fill, todo, chunksize=8):
-                computed += c
+            for c in pool.imap_unordered(_fill, range(n), chunksize=8):
+                counts[c] += 1
                 bar.update(1)
     else:
         _init_worker(job)
-        for i in todo:
-            computed += _fill(i)
+        for i in range(n):
+            counts[_fill(i)] += 1
             bar.update(1)
     bar.close()
     dt, cpu = time.perf_counter() - t0, _cpu() - cpu0
-    print(f"computed {computed}, {done} already cached; {len(todo) / max(dt, 1e-9):.1f} tiles/s "
-          f"({len(todo) / max(dt, 1e-9) / max(args.workers, 1):.1f} per process) in {dt:.1f} s, "
-          f"{1000 * cpu / max(len(todo), 1):.0f} ms CPU per tile", flush=True)
+    print(f"{counts[0]} already cached and valid; computed {counts[1]} missing and {counts[2]} "
+          f"stale, swapped or unreadable; {n / max(dt, 1e-9):.1f} tiles/s in {dt:.1f} s, "
+          f"{1000 * cpu / max(n, 1):.0f} ms CPU per tile checked or computed", flush=True)
 
 
 def _cpu():

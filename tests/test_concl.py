@@ -148,7 +148,7 @@ def test_single_global_concept_reduces_to_moco_v2_loss():
     batch = {"boxes": boxes, "flips": [torch.zeros(4, dtype=torch.bool)] * 2,
              "ref_box": torch.tensor([[0.0, 0, 64, 64]] * 4)}
     loss, parts = model(x, x.flip(3), batch, None, concepts=True)
-    assert parts["n_concepts"] == 1.0
+    assert parts["shared_concepts"] == 1.0
     torch.testing.assert_close(parts["loss_concept"], parts["loss_instance"])
     torch.testing.assert_close(loss, parts["loss_concept"])
     model.args.concept_weight = 0.0  # lambda 0: the total is the instance loss alone
@@ -172,11 +172,11 @@ def test_each_concept_source_trains(tmp_path, concept):
     run_script("concl.py", *TINY, "--concept", concept, *extra, "--vis-every", "2",
                "--output-dir", tmp_path)
     rows = log(tmp_path)
-    assert "loss_concept" not in rows[0] and rows[1]["n_concepts"] > 0
+    assert "loss_concept" not in rows[0] and rows[1]["shared_concepts"] > 0
     assert rows[1]["loss"] == pytest.approx(rows[1]["loss_concept"])  # lambda = 1
     png = Image.open(tmp_path / "concepts_epoch001.png")
-    assert png.size == (4 * 112, 18 + 8 * 112)  # 112 px cells under a header line at 64 px
-    header = np.asarray(png)[:18]
+    assert png.size == (4 * 112, 36 + 8 * (112 + 18))  # 112 px cells at 64 px, captioned rows
+    header = np.asarray(png)[:36]
     assert (header < 128).any() and (header == 255).mean() > 0.8  # dark header text on white
     if concept == "fh":
         assert len(list((tmp_path / "masks").rglob("*.png"))) == 16  # FH computed once per tile
@@ -187,7 +187,7 @@ def test_concept_sources_train_on_two_processes(tmp_path, concept):
     run_script("concl.py", *TINY, "--batch-size", "4", "--concept", concept, "--vis-every", "0",
                "--output-dir", tmp_path, nproc=2)
     rows = log(tmp_path)
-    assert rows[1]["n_concepts"] > 0 and np.isfinite(rows[1]["loss_concept"])
+    assert rows[1]["shared_concepts"] > 0 and np.isfinite(rows[1]["loss_concept"])
     assert not (tmp_path / "masks").exists()  # fh segments x_r each step: nothing cached
 
 
@@ -202,7 +202,7 @@ def test_file_concepts_from_a_mask_folder(tmp_path):
         Image.fromarray(m).save(masks / f"t{i}.png")
     run_script("concl.py", *TINY[4:], "--data", "folder", "--data-root", imgs, "--concept",
                "file", "--concept-dir", masks, "--output-dir", tmp_path / "out")
-    assert log(tmp_path / "out")[1]["n_concepts"] > 0
+    assert log(tmp_path / "out")[1]["shared_concepts"] > 0
     (masks / "t3.png").unlink()
     p = run_script("concl.py", *TINY[4:], "--data", "folder", "--data-root", imgs, "--concept",
                    "file", "--concept-dir", masks, "--output-dir", tmp_path / "o2", check=False)
@@ -213,7 +213,7 @@ def test_two_processes_and_resume_across_warmup(tmp_path):
     two = ["concl.py", *TINY, "--batch-size", "4", "--epochs", "3"]
     ref = tmp_path / "ref"
     run_script(*two, "--output-dir", ref, nproc=2)
-    assert log(ref)[2]["n_concepts"] > 0
+    assert log(ref)[2]["shared_concepts"] > 0
     cut = tmp_path / "cut"  # stop inside the warm-up epoch, resume through the switch
     run_script(*two, "--output-dir", cut, "--stop-after-steps", "1", nproc=2)
     run_script(*two, "--output-dir", cut, nproc=2)
@@ -227,7 +227,20 @@ def test_show_concepts_on_a_trained_checkpoint(tmp_path):
     p = run_script("concl.py", *TINY, "--epochs", "1", "--output-dir", tmp_path,
                    "--show-concepts", "3")
     assert "concepts.png" in p.stdout
-    assert Image.open(tmp_path / "concepts.png").size == (4 * 112, 18 + 3 * 112)
+    # a header of two lines (columns; one colour = one concept), three rows with a caption each
+    assert Image.open(tmp_path / "concepts.png").size == (4 * 112, 36 + 3 * (112 + 18))
+
+
+def test_concept_overlay_keeps_the_tissue_readable():
+    # grey tile, concept 0 on the left half, 1 on the right, none in the bottom quarter: regions
+    # lightly tinted (20% of their colour), outlined in full colour where ids meet, none untouched
+    img = torch.full((3, 8, 8), 100, dtype=torch.uint8)
+    labels = torch.tensor([[0, 0, 1, 1]] * 3 + [[-1] * 4])
+    out = concl.overlay(img, labels, cell=16, width=1).astype(int)
+    tint = lambda c: (0.8 * 100 + 0.2 * concl.PALETTE[c].astype(float)).astype(int)
+    assert (out[2, 2] == tint(0)).all() and (out[2, 13] == tint(1)).all()
+    assert (out[2, 7] == concl.PALETTE[0]).all() and (out[2, 8] == concl.PALETTE[1]).all()
+    assert (out[11, 2] == concl.PALETTE[0]).all() and (out[14, 2] == 100).all()
 
 
 # ----------------------------------------------------------------------------- fidelity (issue 12)
@@ -295,3 +308,56 @@ def test_concept_threshold_binarises_grey_saliency(tmp_path):
     row = labels[0].tolist()
     first = int(np.argmax(salient))
     assert [row[j] == row[first] for j in range(4)] == salient.tolist()
+
+
+# ----------------------------------------------------------------------------- --amp and host reads (issue 23)
+def bf16(fn, *a, seed=3):
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn(*a)
+
+
+def test_kmeans_and_view_masks_decide_in_fp32_under_bf16_autocast():
+    # bf16 similarities changed the partition of 5 of these 8 images and 1 view cell of 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 49, 64, generator=g) + 0.5 * torch.randn(8, 1, 64, generator=g)
+    torch.manual_seed(3)
+    fp32 = kmeans(x, 8)
+    assert torch.equal(bf16(kmeans, x, 8, seed=3), fp32)
+    B = 32
+    ref = torch.randint(-1, 8, (B, 14, 14), generator=g)
+    ref_box = torch.tensor([[3.0, 5.0, 200.0, 190.0]]).repeat(B, 1)
+    u = torch.rand(B, 4, generator=g)
+    boxes = torch.stack([u[:, 0] * 50 + 3, u[:, 1] * 50 + 5, 150 + u[:, 2] * 40,
+                         140 + u[:, 3] * 40], 1)
+    flips = torch.rand(B, generator=g) < 0.5
+    assert torch.equal(bf16(concl.view_masks, ref, ref_box, boxes, flips, 7),
+                       concl.view_masks(ref, ref_box, boxes, flips, 7))
+
+
+def test_a_b_concl_step_reads_back_only_the_shared_concept_count():
+    from tests.test_moco_units import HostReads
+    torch.manual_seed(0)
+    a = concl_args(concept="kmeans", num_concepts=4, concept_ids=4, cluster_stage=4)
+    model = concl.ConCL(a)
+    x = torch.randn(4, 3, 64, 64)
+    geometry = {"boxes": [torch.tensor([[0.0, 0, 40, 40]] * 4), torch.tensor([[20.0, 20, 64, 64]] * 4)],
+                "flips": [torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)],
+                "ref_box": torch.tensor([[0.0, 0, 64, 64]] * 4)}
+    model(x, x, geometry, x, concepts=True)  # warm-up: the queue pointers' one read
+    with HostReads() as h:
+        loss, parts = model(x, x.flip(3), geometry, x, concepts=True)
+        loss.backward()
+    # k-means, view masks and the queues stay on the device; the number of concepts both views
+    # share sets the size of the concept batch (one nonzero)
+    assert h.ops == ["nonzero"] and parts["shared_concepts"] > 0
+
+
+def test_only_the_geometry_is_handed_to_the_model():
+    batch = {"views": [torch.zeros(2, 3, 8, 8)] * 2, "ref": torch.zeros(2, 3, 8, 8),
+             "boxes": [torch.zeros(2, 4)] * 2, "flips": [torch.zeros(2, dtype=torch.bool)] * 2,
+             "ref_box": torch.zeros(2, 4), "skipped": torch.zeros(2), "label": torch.zeros(2)}
+    got = concl.concept_inputs(batch, torch.device("cpu"))
+    assert sorted(got) == ["boxes", "flips", "ref_box"]  # no images: DDP would copy them
+    batch["ref_labels"] = torch.zeros(2, 4, 4, dtype=torch.long)
+    assert sorted(concl.concept_inputs(batch, torch.device("cpu"))) == ["boxes", "flips", "ref_box", "ref_labels"]

@@ -101,3 +101,28 @@ def test_runs_single_and_two_processes_and_resumes(tmp_path):
     run_script(*two, "--output-dir", tmp_path / "cut", nproc=2)
     a, b = (torch.load(tmp_path / d / "backbone.pth") for d in ("ref", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_match_is_fp32_under_bf16_autocast():
+    # key location 1 is the query itself, location 0 a near copy (cosine 1 - 5e-5): bf16 rounds
+    # both similarities to 1.0 and its argmax takes the first; fp32 finds the copy's twin
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 64, 3, generator=g)
+    k = torch.randn(2, 64, 3, generator=g)
+    k[:, :, 1] = q[:, :, 0]
+    k[:, :, 0] = q[:, :, 0] + 0.01 * torch.randn(2, 64, generator=g) * q[:, :, 0].norm(dim=1, keepdim=True) / 8
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx = densecl.match(q.bfloat16(), k.bfloat16())
+    assert idx[:, 0].tolist() == [1, 1] and torch.equal(idx, densecl.match(q.bfloat16(), k.bfloat16()))
+
+
+def test_a_densecl_step_reads_nothing_back():
+    from tests.test_moco_units import HostReads
+    torch.manual_seed(2)
+    model = densecl.DenseCL(args())
+    x = torch.randn(8, 3, 32, 32)
+    model(x, x, 0.5)  # warm-up: the queue pointers' one read each
+    with HostReads() as h:
+        loss, _ = model(x, x.flip(3), 0.5)
+        loss.backward()
+    assert h.ops == []

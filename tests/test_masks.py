@@ -94,7 +94,7 @@ def test_precompute_fills_resumes_and_matches(twins, tmp_path):
     cmd = ["-m", "common.masks", "--data", "folder", "--data-root", twins, "--mask-cache", cache,
            "--fh-scale", 50, "--fh-min-size", 50, "--workers", 2]
     out = run_script(*cmd).stdout
-    assert "computed 2" in out and "tiles/s" in out, out
+    assert "computed 2 missing" in out and "tiles/s" in out, out
     fh = FHCache(cache, 50, 50)
     base = cdata.folder_dataset(twins)
     for i in range(2):
@@ -102,4 +102,17 @@ def test_precompute_fills_resumes_and_matches(twins, tmp_path):
         assert not computed and np.array_equal(seg, masks.felzenszwalb(base[i][0], 50, 50))
     fh.path("b/x.png").unlink()                                # as if killed before the last
     out = run_script(*cmd).stdout
-    assert "computed 1" in out and "1 already cached" in out, out
+    assert "1 already cached and valid; computed 1 missing and 0 stale" in out, out
+    # swapped files exist but belong to the other image: checked as training checks, recomputed
+    a, b = fh.path("a/x.png"), fh.path("b/x.png")
+    a.rename(tmp_path / "swap"), b.rename(a), (tmp_path / "swap").rename(b)
+    out = run_script(*cmd).stdout
+    assert "0 already cached and valid; computed 0 missing and 2 stale" in out, out
+    for i in range(2):
+        assert not fh.load(FHCache.key(base, i, twins), base[i][0])[1]
+
+
+def test_precompute_help_names_the_command(capsys):
+    with pytest.raises(SystemExit):
+        masks.precompute(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m common.masks ")

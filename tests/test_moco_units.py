@@ -192,3 +192,78 @@ def test_openselfsup_init_is_kaiming_fan_in():
     assert abs(w.std().item() - (2 / 3136) ** 0.5) < 0.003
     net = resnet("resnet18")
     assert torch.equal(net.bn1.weight, torch.ones(64)) and torch.equal(net.bn1.bias, torch.zeros(64))
+
+
+# ----------------------------------------------------------------------------- host syncs (issue 23.6)
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make a CUDA stream wait for the host to read a result: a tensor's
+    value turned into a Python number (item, int, float, bool), a copy to the host (tolist,
+    numpy, cpu) and data-dependent shapes (nonzero, boolean indexing). Runs on the CPU, as a
+    twin of CUDA's sync debug mode."""
+    SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique2",
+             "repeat_interleave"}
+    HOST = {"tolist", "numpy", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        outer = self
+
+        class Methods(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in outer.HOST:
+                    outer.ops.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+        self.methods = Methods()
+
+    def __enter__(self):
+        self.methods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.methods.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCS or (name == "index" and any(
+                torch.is_tensor(i) and i.dtype == torch.bool for i in args[1])):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_reads_counter_sees_item_int_copies_and_masks():
+    x = torch.arange(4.0)
+    with HostReads() as h:
+        x.sum().item(), int(x[1]), x[x > 1], (x > 1).nonzero(), x.tolist(), x.cpu()
+    assert h.ops == ["_local_scalar_dense", "_local_scalar_dense", "index", "nonzero", "tolist", "cpu"]
+
+
+def test_queue_pointer_on_the_host_and_exact_after_a_load():
+    torch.manual_seed(0)
+    m = moco.MoCo(K=8, dim=2)
+    m.enqueue(torch.ones(2, 2))  # first call reads the buffer once
+    with HostReads() as h:
+        for i in range(2, 5):
+            m.enqueue(torch.full((2, 2), float(i)))
+    assert h.ops == [] and int(m.queue_ptr) == 0 and m.queue[:, 0].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
+    # a checkpoint taken mid-ring resumes at its pointer, not at the fresh model's host value
+    m.enqueue(torch.full((2, 2), 5.0))
+    fresh = moco.MoCo(K=8, dim=2)
+    fresh.enqueue(torch.zeros(2, 2))  # the fresh model's host pointer is now 2
+    fresh.load_state_dict(m.state_dict())
+    for model in (m, fresh):
+        model.enqueue(torch.full((2, 2), 6.0))
+    assert torch.equal(fresh.queue, m.queue) and fresh.queue[:, 0].tolist() == [5, 5, 6, 6, 3, 3, 4, 4]
+    assert int(fresh.queue_ptr) == int(m.queue_ptr) == 4
+
+
+def test_a_moco_step_reads_nothing_back():
+    torch.manual_seed(0)
+    m = moco.MoCo(K=16, dim=8)
+    x = torch.randn(4, 3, 32, 32)
+    m(x, x)  # warm-up: the pointer's one read
+    with HostReads() as h:
+        loss, parts = m(x, x.flip(3))
+        loss.backward()
+    assert h.ops == []
