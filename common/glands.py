@@ -252,9 +252,19 @@ def convert_cpm(src, out, test=(), split="train"):
     if not masks:
         raise DataError(f"no *_mask.txt files in {src} (the CPM layout: imageXX.png + "
                         f"imageXX_mask.txt)")
+    stems = [m.name[:-len("_mask.txt")] for m in masks]
+    lone = sorted((p.name for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTS
+                   and p.stem not in stems and not p.name.startswith(".")), key=_natural)
+    if lone:  # checked before anything is written
+        raise DataError(f"{src / lone[0]} has no {Path(lone[0]).stem}_mask.txt beside it"
+                        + (f" (nor {len(lone) - 1} other image(s))" if len(lone) > 1 else "")
+                        + "; move it out of --src or add its mask")
+    unknown = sorted(set(test) - set(stems), key=_natural)
+    if unknown:
+        raise DataError(f"--test {' '.join(unknown)}: no such image in {src} (its stems: "
+                        f"{stems[0]} ... {stems[-1]})")
     counts = {}
-    for m in masks:
-        stem = m.name[:-len("_mask.txt")]
+    for m, stem in zip(masks, stems):
         image = next((src / (stem + e) for e in IMAGE_EXTS if (src / (stem + e)).is_file()), None)
         if image is None:
             raise DataError(f"{m} has no image {stem}.png (or .tif, .jpg) beside it")
@@ -484,25 +494,45 @@ def overlay(image, masks, color=None, width=None):
 GT_COLOUR, PRED_COLOUR = (0, 230, 64), (255, 230, 0)
 
 
+def font(size):
+    """PIL's default font at `size` px (FreeType), or its small bitmap font without FreeType."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
 def draw_detections(image, gt_masks, pred_masks, boxes, scores, threshold=0.5, width=None):
     """PIL picture of uint8 (H, W, 3) `image`: ground-truth outlines in green, predicted ones in
-    yellow (2 px; 3 from 768 px up), each prediction's score beside it when there are few
-    enough to read (glands; a nuclei image gets the count only), and a legend in the corner."""
-    w = width or (2 if max(image.shape[:2]) < 768 else 3)
+    yellow (2 px; 3 from 768 px up), each prediction's score on a dark label at its box's top
+    left when there are few enough to read (glands; a nuclei image gets the count only), and a
+    legend in a band above the image (never over the tissue)."""
+    h, w_img = image.shape[:2]
+    w = width or (2 if max(h, w_img) < 768 else 3)
     rgb = overlay(overlay(image, gt_masks, GT_COLOUR, w), pred_masks, PRED_COLOUR, w)
+    f = font(max(12, round(max(h, w_img) / 40)))
     im = Image.fromarray(rgb)
     d = ImageDraw.Draw(im)
     if len(scores) <= 40:
         for (x0, y0, _, _), s in zip(boxes, scores):
-            d.text((x0 + 2, max(0, y0 - 11)), f"{s:.2f}", fill=PRED_COLOUR)
+            l, t, r, b = d.textbbox((0, 0), f"{s:.2f}", font=f)
+            x = min(max(0, round(x0)), max(0, w_img - (r - l) - 4))
+            y = max(0, round(y0) - (b - t) - 4)  # above the box, inside the image
+            d.rectangle((x, y, x + r - l + 3, y + b - t + 3), fill=(0, 0, 0))
+            d.text((x + 2 - l, y + 2 - t), f"{s:.2f}", fill=PRED_COLOUR, font=f)
     legend = [(f"ground truth ({len(gt_masks)})", GT_COLOUR),
               (f"prediction, score >= {threshold} ({len(pred_masks)})", PRED_COLOUR)]
-    d.rectangle((0, 0, 12 + 6 * max(len(t) for t, _ in legend) + 24, 8 + 14 * len(legend)),
-                fill=(0, 0, 0))
+    line = max(d.textbbox((0, 0), "Ag", font=f)[3], 12) + 4
+    text_w = max(d.textlength(t, font=f) for t, _ in legend)
+    out = Image.new("RGB", (max(w_img, round(text_w) + 32), h + 8 + line * len(legend)), (0, 0, 0))
+    d = ImageDraw.Draw(out)
     for k, (text, c) in enumerate(legend):
-        d.rectangle((6, 6 + 14 * k, 18, 16 + 14 * k), outline=c, width=2)
-        d.text((24, 5 + 14 * k), text, fill=(255, 255, 255))
-    return im
+        y = 4 + line * k
+        d.rectangle((6, y + 2, 6 + line - 6, y + line - 4), outline=c, width=2)
+        d.text((line + 6, y), text, fill=(255, 255, 255), font=f)
+    out.paste(im, (0, out.height - h))
+    return out
 
 
 def contact_sheet(n=8, seed=0, size=256, cols=4):

@@ -322,17 +322,24 @@ def test_overlay_draws_outlines_only():
 
 def test_detection_picture_outlines_and_legend():
     # 2 px outlines in green (ground truth) and yellow (prediction): neither is magenta, both far
-    # from H&E's pinks and purples; a black legend box at the top left names them.
+    # from H&E's pinks and purples; the legend sits in a black band above the image, never over
+    # the tissue, and the score is yellow on a dark label above its box.
     image = np.full((120, 160, 3), (230, 160, 200), np.uint8)  # eosin pink
     gt, pred = np.zeros((1, 120, 160), bool), np.zeros((1, 120, 160), bool)
     gt[0, 60:100, 20:60], pred[0, 62:102, 90:130] = True, True
-    out = np.asarray(draw_detections(image, gt, pred, [[90, 62, 130, 102]], [0.87]))
+    pic = np.asarray(draw_detections(image, gt, pred, [[90, 62, 130, 102]], [0.87]))
+    band = pic.shape[0] - 120
+    assert pic.shape[1] >= 160 and band > 24
+    out, legend = pic[band:, :160], pic[:band]
     assert (out[60:100, 20:60] == GT_COLOUR).all(2).sum() == 40 * 40 - 36 * 36  # 2 px ring
     assert (out[62:102, 90:130] == PRED_COLOUR).all(2).sum() >= 40 * 40 - 36 * 36
     assert (out[70:90, 30:50] == image[0, 0]).all()  # inside left alone
-    assert (out[0:2, 0:100] == 0).all() and (out[:36, :36] == PRED_COLOUR).all(2).any()
-    text = out[45:62, 90:130].astype(int)  # the score above the prediction (antialiased text)
-    assert ((text[..., 0] > 200) & (text[..., 1] > 180) & (text[..., 2] < 120)).any()
+    assert (out[:40] == image[0, 0]).all(2).all()  # nothing drawn over the tissue's top
+    assert (legend == PRED_COLOUR).all(2).any() and (legend == GT_COLOUR).all(2).any()
+    assert (legend > 200).all(2).any()  # white legend text
+    label = out[40:62, 88:135].astype(int)  # the score's label above the prediction
+    assert (label == 0).all(2).sum() > 150  # a dark label of about 30 x 15 px
+    assert ((label[..., 0] > 200) & (label[..., 1] > 180) & (label[..., 2] < 120)).any()
 
 
 def test_contact_sheet_command(tmp_path):

@@ -98,6 +98,14 @@ def test_convert_cpm_hand_made(tmp_path):
                    check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"error: CPM mask {src / 'image03_mask.txt'} says 5x4 but holds 2 values"], p.stderr
+    # a typo in --test, an image without its mask: one clear line each, before anything is written
+    with pytest.raises(DataError, match=r"^--test image99: no such image in .* \(its stems: "
+                                        r"image01 \.\.\. image03\)$"):
+        glands.convert_cpm(src, tmp_path / "o3", {"image02", "image99"})
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(src / "image04.png")
+    with pytest.raises(DataError, match=r"image04.png has no image04_mask.txt beside it; move it"):
+        glands.convert_cpm(src, tmp_path / "o3")
+    assert not (tmp_path / "o3").exists()
 
 
 # The real-data check. CPM-15 tiles are 440-500 px with 127-292 nuclei of 5-36 px. A Mask
