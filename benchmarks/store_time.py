@@ -135,15 +135,15 @@ def loader_ms(paths, store_path, samples=256, batch=32):
     st = cdata.StoreTiles(store_path)
     device_crop = cdata.MultiViewDataset(st, [view, view])
     device_crop.device_aug = device_crop.device_crop = True
-    res = {}
+    res, batches = {}, max(1, samples // batch)
     for name, ds in (("default", default), ("--device-aug", device_aug),
                      ("--data-store --device-crop", device_crop)):
         n = len(ds)
         default_collate([ds[i % n] for i in range(batch)])  # warm
         t = time.process_time()
-        for b in range(samples // batch):
+        for b in range(batches):
             default_collate([ds[(b * batch + i) % n] for i in range(batch)])
-        res[name] = 1000 * (time.process_time() - t) / (samples // batch * batch)
+        res[name] = 1000 * (time.process_time() - t) / (batches * batch)
     return res
 
 
@@ -158,8 +158,10 @@ def packing(paths, out):
     return 1000 * (time.process_time() - t) / len(paths)
 
 
-def measure(samples=256, n_tiles=256):
-    """Everything above on real tiles (the samples beside the repo, else demo tiles)."""
+def measure(samples=256):
+    """Everything above on real tiles (the samples beside the repo, else demo tiles); a few
+    samples (step_time --quick) shrink every part to a smoke test."""
+    n_tiles, draws = min(256, max(32, samples)), 8 if samples >= 64 else 1
     folder = REPO.parent / "shared" / "samples" / "nct_crc_he"
     real = [p for p in cdata.find_images(folder)
             if cdata.read_rgb(p).size == (224, 224)] if folder.is_dir() else []
@@ -171,7 +173,7 @@ def measure(samples=256, n_tiles=256):
         from common.demo import demo_tile
         arrays, source = [demo_tile(i)[0] for i in range(6)], "demo tiles"
     res = {"source": source, "ops": count_ops()}
-    res["crop"] = crop_exactness([Image.fromarray(a) for a in arrays])
+    res["crop"] = crop_exactness([Image.fromarray(a) for a in arrays], draws)
     with tempfile.TemporaryDirectory() as d:
         paths = []
         for i in range(n_tiles):  # TIFF like NCT's, in one class folder
