@@ -750,10 +750,16 @@ def pretrain_loader(dataset, batch_size, workers, seed, device):
     return loader, sampler
 
 
+_NORM = {}  # device -> (mean, std) on it: built once, not copied to the device every step
+
+
 def to_device(x, device, channels_last=False):
     """uint8 (N, 3, H, W) -> ImageNet-normalised float on the device."""
     x = x.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    key = str(torch.device(device))
+    if key not in _NORM:
+        _NORM[key] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                           for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORM[key]
     x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
