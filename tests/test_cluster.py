@@ -235,6 +235,23 @@ def test_second_ctrl_c_during_the_checkpoint_write_keeps_the_old_one(tmp_path, c
     assert len(err) == 1 and "previous checkpoint.pth is intact" in err[0]
 
 
+def test_repeated_sigterm_is_one_stop_and_only_a_later_second_ctrl_c_aborts(tmp_path, monkeypatch):
+    run = make_run(tmp_path, monkeypatch)
+    run.print = lambda *a, **k: None
+    run.in_loop = True
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    for _ in range(3):  # the scheduler's, torchrun's forward, ...
+        run._on_signal(signal.SIGTERM, None)
+    run._on_signal(signal.SIGINT, None)  # torchrun forwarding the terminal's Ctrl-C: same stop
+    assert run.stop_signal == signal.SIGTERM
+    assert run.agree(torch.tensor(1.0))[1] is True  # every rank stops after this step
+    clock[0] += 5
+    run._on_signal(signal.SIGTERM, None)  # a late SIGTERM does not abort either
+    with pytest.raises(KeyboardInterrupt):
+        run._on_signal(signal.SIGINT, None)  # a second Ctrl-C from the terminal
+
+
 # -- items 2, 3, 7 with real processes (gloo) ----------------------------------------------------
 
 def test_node_local_folders_are_refused_and_headers_are_read_once_per_node(tmp_path):
