@@ -220,7 +220,7 @@ class ConCL(MoCo):
         keys = cdist.concat_all_gather(keys)[-self.K:]  # the same fixed count from every process
         ptr = self.advance("concept_ptr", keys.shape[0])
         idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
-        self.concept_queue[idx] = keys        # a ring with wrap-around, as the official code
+        self.concept_queue[idx] = keys.to(self.concept_queue.dtype)  # a ring, as the official code
 
     def forward(self, x_q, x_k, batch=None, ref=None, concepts=True):
         c5_q, q = self.encode(self.encoder_q, x_q)
