@@ -272,9 +272,11 @@ def train_one_run(args, run, r, out, train_set):
         with run.autocast():
             parts = ddp(images, targets)
         loss = sum(parts.values())
-        nonfinite, stop, _ = run.agree(loss)
+        # the flags and every loss part come to the host in one transfer: the step's only sync
+        nonfinite, stop, got = run.agree(loss, {"loss": loss, **parts})
+        values = {k: v for k, (_, v) in got.items()}
         if nonfinite:
-            shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss")
             kept = (f"{ckpt} holds the last good state" if ckpt.exists() else
                     "no checkpoint yet (lower --lr, or check --pretrained's BN statistics)")
             raise ctrain.NonFiniteLoss(f"run {r}: non-finite loss at iteration {it} ({shown}); "
@@ -284,13 +286,11 @@ def train_one_run(args, run, r, out, train_set):
         optimizer.step()
         run.steps_this_run += 1
         dt, t_end = time.perf_counter() - t_end, time.perf_counter()
-        values = torch.stack([loss, *parts.values()]).detach().tolist()  # one device sync
-        for k, v in {**dict(zip(["loss", *parts], values)), "lr": lr, "it_per_s": 1 / dt,
-                     "data_time": t_data}.items():
+        for k, v in {**values, "lr": lr, "it_per_s": 1 / dt, "data_time": t_data}.items():
             sums[k] = sums.get(k, 0.0) + v
         sums["n"] = sums.get("n", 0) + 1
         bar.update(1)
-        bar.set_postfix_str(f"loss {values[0]:.3f} lr {lr:.3g} {1 / dt:.2f} it/s")
+        bar.set_postfix_str(f"loss {values['loss']:.3f} lr {lr:.3g} {1 / dt:.2f} it/s")
         if (it + 1) % args.log_every == 0 or it + 1 == iters:
             n = sums.pop("n")
             rec = {"iter": it + 1, **{k: v / n for k, v in sums.items()}}

@@ -40,8 +40,13 @@ def test_resume_is_exact_and_eval_only_reproduces(tmp_path):
     p = run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut",
                    "--stop-after-steps", "3")
     assert "stopped by --stop-after-steps at iteration 3" in p.stdout
+    assert "run 0: ResNet body: random initialisation (torchvision's); FPN and heads random" in p.stdout
     assert not (tmp_path / "cut" / "run0" / "metrics.json").exists()
-    run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut")
+    p = run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut")
+    # the resumed run says where its weights come from, and nothing that reads as a reset
+    assert ("run 0: resumed at iteration 3 of 6: weights and optimiser state from "
+            f"{tmp_path / 'cut' / 'run0' / 'checkpoint.pth'} (the run began from --pretrained "
+            "random)") in p.stdout and "initialisation" not in p.stdout, p.stdout
     a = torch.load(tmp_path / "straight" / "run0" / "model_final.pth")
     b = torch.load(tmp_path / "cut" / "run0" / "model_final.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -96,7 +101,10 @@ def test_bad_input_one_line(tmp_path):
                           (["--data", "crag", "--data-root", tmp_path / "nope"], "nope"),
                           (["--data", "glas", "--data-root", tmp_path], "no GlaS layout"),
                           (["--pretrained", tmp_path / "missing.pth"], "missing.pth"),
-                          (["--schedule", "fast"], "--schedule")):
+                          (["--schedule", "fast"], "--schedule"),
+                          (["--img-size", "7"], "--img-size 7 (training range 5-7 px): shortest "
+                           "edges must be at least 32 px"),
+                          (["--train-sizes", "16", "40"], "--train-sizes 16 40: shortest edges")):
         p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "1", *argv,
                        "--output-dir", tmp_path / "out", check=False)
         assert p.returncode == 2, p.stderr
