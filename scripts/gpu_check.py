@@ -3,7 +3,8 @@ in one call of at most ~10 minutes on one GPU, with a JSON of results and a log.
 
     python scripts/gpu_check.py OUT [--cpu]
 
-Phases (each has a time limit; a failing phase is recorded and the next one runs):
+Phases (each has a time limit, generous with --cpu, where a loaded machine may be slow; a failing
+phase is recorded and the next one runs):
   versions      python, torch, torchvision, CUDA, cuDNN, NCCL, the GPU, scikit-image, pycocotools
   collectives   NCCL at world size 1 through the real collective code: the channels_last gather,
                 the gather with gradients, a non-contiguous all-reduce, shuffle/unshuffle
@@ -99,7 +100,8 @@ def collectives_worker():
 
 
 def collectives(ctx):
-    rc, out = sh(torchrun(1, ctx["port"]) + [__file__, "--collectives-worker"], ctx["log"], 120)
+    rc, out = sh(torchrun(1, ctx["port"]) + [__file__, "--collectives-worker"], ctx["log"],
+                 300 if ctx["cpu"] else 120)
     res = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]
     ok = rc == 0 and bool(res) and all(v for k, v in res[0].items() if k != "backend")
     return ok, res[0] if res else {"rc": rc}
@@ -114,7 +116,7 @@ def twins(ctx):
              ["--device-aug", "--demo-size", "256", "--batch-size", "32", "--img-size", "224"])
     rc, out = sh(torchrun(2, ctx["port"] + 1) + ["tests/twin_driver.py", folder, *methods, "--",
                                                  *extra],
-                 ctx["log"], 150 if ctx["cpu"] else 240, env={"DIST_BACKEND": "gloo"})
+                 ctx["log"], 300 if ctx["cpu"] else 240, env={"DIST_BACKEND": "gloo"})
     lines = {}
     for line in out.splitlines():
         if line.startswith("twin "):
@@ -157,7 +159,7 @@ def sigterm(ctx):
     proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     t0 = time.time()
-    while not (folder / "checkpoint.pth").exists() and proc.poll() is None and time.time() - t0 < 150:
+    while not (folder / "checkpoint.pth").exists() and proc.poll() is None and time.time() - t0 < 300:
         time.sleep(0.05)
     time.sleep(0.3 if ctx["cpu"] else 1.0)  # into epoch 1
     for pid in _tree(proc.pid):
@@ -166,7 +168,7 @@ def sigterm(ctx):
         except ProcessLookupError:
             pass
     try:
-        out, _ = proc.communicate(timeout=90)
+        out, _ = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
@@ -177,7 +179,7 @@ def sigterm(ctx):
     if (folder / "checkpoint.pth").exists():
         ck = torch.load(folder / "checkpoint.pth", map_location="cpu", weights_only=False)
         res["checkpoint"] = f"epoch {ck['epoch']} step {ck['step']}"
-    rc, out = sh([c for c in cmd], ctx["log"], 150, env={"DIST_BACKEND": "gloo"})
+    rc, out = sh([c for c in cmd], ctx["log"], 300, env={"DIST_BACKEND": "gloo"})
     res["rerun_rc"] = rc
     res["resumed"] = "resumed from" in out
     at_step = bool(stops) and (stops[0] == res.get("checkpoint") or
@@ -236,7 +238,7 @@ def step_time(ctx):
         cmd = [sys.executable, "benchmarks/step_time.py", "--methods", methods, "--json", js]
         cmd += (["--quick", "--samples", "8", "--data-workers", "1"] if ctx["cpu"] else
                 ["--batch-size", batch, "--steps", "3", "--samples", "100"])
-        rc, out = sh(cmd, ctx["log"], 120 if ctx["cpu"] else 200)
+        rc, out = sh(cmd, ctx["log"], 300 if ctx["cpu"] else 200)
         table = [l for l in out.splitlines() if l.startswith("|")]
         res[f"batch_{batch}"] = {"rc": rc, "table": table}
         ok &= rc == 0
@@ -253,7 +255,7 @@ def finetune(ctx):
                 "sys.argv = ['finetune_time.py'] + sys.argv[1:]; "
                 "runpy.run_path('benchmarks/finetune_time.py', run_name='__main__')" % on)
         cmd = [sys.executable, "-c", code, "--json", js] + (small if ctx["cpu"] else [])
-        rc, out = sh(cmd, ctx["log"], 60 if ctx["cpu"] else 120)
+        rc, out = sh(cmd, ctx["log"], 300 if ctx["cpu"] else 120)
         res["cudnn_benchmark_" + ("on" if on else "off")] = {
             "rc": rc, "last": [l for l in out.splitlines() if l.strip()][-3:]}
         ok &= rc == 0
