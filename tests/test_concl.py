@@ -318,7 +318,7 @@ def bf16(fn, *a, seed=3):
 
 
 def test_kmeans_and_view_masks_decide_in_fp32_under_bf16_autocast():
-    # bf16 similarities changed the partition of 5 of these 8 images and 1 view cell of 32
+    # bf16 changed the k-means partition of 5 of these 8 images and 3 view cells of 32 tiles
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 49, 64, generator=g) + 0.5 * torch.randn(8, 1, 64, generator=g)
     torch.manual_seed(3)
