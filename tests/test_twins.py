@@ -14,11 +14,6 @@ from common.models import SplitBatchNorm1d, SplitBatchNorm2d
 from tests.conftest import run_script
 from tests.twin_driver import METHODS
 
-CONCL_AMP = pytest.mark.xfail(reason="concl.py enqueue_concepts puts bf16 keys into its fp32 "
-                              "concept queue under --amp (requested of concl.py's owner)",
-                              strict=False)
-
-
 @pytest.fixture(scope="module")
 def twin_lines(tmp_path_factory):
     """Both runs of the driver (every method in one process; 2 processes: every method in one
@@ -34,8 +29,7 @@ def twin_lines(tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("method", [pytest.param(m, marks=CONCL_AMP) if m == "concl" else m
-                                    for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 def test_method_trains_in_bf16_on_channels_last(twin_lines, method, nproc):
     line = twin_lines.get((nproc, method), "missing")
     assert line.startswith("ok"), f"{line}\n{twin_lines[(nproc, '_log')]}"
