@@ -89,8 +89,9 @@ LABELS = {"concl_grid_s3": "g-ConCL (s=3)", "concl_grid_s7": "g-ConCL (s=7)",
 # would not): the demo and real-cpu presets append them to each configuration's own flags.
 SMALL = {"moco.py": ["--queue-size", "256"], "densecl.py": ["--queue-size", "256"],
          "concl.py": ["--queue-size", "256", "--warmup-epochs", "1", "--vis-every", "0"],
-         "pcl.py": ["--queue-size", "256", "--warmup-epochs", "1", "--num-clusters", "8", "16",
-                    "--pcl-r", "8"],
+         # k - batch >= r (pcl.py refuses less); k <= tiles (demo preset: 64)
+         "pcl.py": ["--queue-size", "256", "--warmup-epochs", "1", "--num-clusters", "32", "48",
+                    "--pcl-r", "16"],
          "pixcon.py": ["--queue-size", "256", "--warmup-epochs", "1"],
          "simclr.py": ["--warmup-epochs", "1"], "byol.py": ["--warmup-epochs", "1"],
          "detcon.py": ["--warmup-epochs", "1", "--vis-tiles", "0"],
@@ -355,7 +356,7 @@ def preset_args(a):
         default("probe_args", "--data demo --demo-size 120 --demo-test-size 60 --img-size 64 "
                               "--probe-epochs 20 --batch-size 32 --runs 1 --workers 0")
         a.small = True
-        a.probe = True
+        default("probe", True)
     elif a.preset == "table1":
         default("methods", TABLE1)
         default("data", "nct")
@@ -627,8 +628,8 @@ def report(a, methods, targets, steps):
                 vals = res["methods"][n]["finetune"][t]["groups"]["all"][col_title(tt, k, False)]
                 if i:
                     p = welch(prev, vals)[2]
-                    chain.append("?" if p is None else (f"≈ (p {p:.2f})" if p >= 0.05
-                                                       else f"> (p {p:.2g})"))
+                    chain.append("vs (no test: 1 run)" if p is None else (
+                        f"≈ (p {p:.2f})" if p >= 0.05 else f"> (p {p:.2g})"))
                 chain.append(f"`{n}` {mean_std(vals)[0]:.1f}")
                 prev = vals
             L.append(f"- {TARGET_LABELS.get(t, t)} {col_title(tt, k)}: " + " ".join(chain))
@@ -732,7 +733,8 @@ def get_args(argv=None):
     g.add_argument("--init", choices=["openselfsup", "torchvision"])
     g.add_argument("--amp", action="store_true", help="bf16 (CUDA), also fine-tuning")
     g.add_argument("--demo-size", type=int)
-    g.add_argument("--pretrain-args", help="more flags for every pre-training script (quoted)")
+    g.add_argument("--pretrain-args", help="more flags for every pre-training script (quoted; "
+                   "paths in these flags: absolute or relative to the repository root)")
     g.add_argument("--samples", help="real-cpu: folder with glas_images_only/, cpm15_nuclei/")
     g = p.add_argument_group("fine-tuning (finetune_maskrcnn.py)")
     g.add_argument("--target", nargs="+", metavar="NAME[=ROOT]",
@@ -742,13 +744,17 @@ def get_args(argv=None):
     g.add_argument("--ft-seed", type=int, default=0, help="seed of the first run")
     g.add_argument("--finetune-args", help="more flags for every fine-tuning (quoted)")
     g = p.add_argument_group("probes (linear_probe.py)")
-    g.add_argument("--probe", action="store_true", help="linear probe + kNN of each backbone")
+    g.add_argument("--probe", action=argparse.BooleanOptionalAction,
+                   help="linear probe + kNN of each backbone (default: only with --preset demo)")
     g.add_argument("--probe-args", help="its data flags etc. (default: the pre-training data; "
                    "NCT: add --test-root CRC-VAL-HE-7K)")
     p.add_argument("--dry-run", action="store_true", help="write commands.sh, run nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
     a = p.parse_args(argv)
     a.small, a.prepare = False, []
+    for name in ("data_root", "train_list"):  # the steps run from the repository root
+        if getattr(a, name):
+            setattr(a, name, str(Path(getattr(a, name)).resolve()))
     if a.preset:
         preset_args(a)
     a.methods = a.methods or ["moco_v2", "random"]
