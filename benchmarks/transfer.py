@@ -248,7 +248,7 @@ class Steps:
     def __init__(self, out, launcher, dry_run=False):
         self.out, self.launcher, self.dry_run = Path(out), launcher, dry_run
         self.devices = devices(launcher)
-        self.commands, self.failed, self.ran = [], [], []
+        self.commands, self.failed = [], []
         for d in ("steps", "logs"):
             (self.out / d).mkdir(parents=True, exist_ok=True)
 
@@ -295,7 +295,6 @@ class Steps:
                 f.write(json.dumps({"step": step, "command": cmd, "start": start,
                                     "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "rc": rc,
                                     "devices": self.devices if parallel else 1}) + "\n")
-        self.ran.append(step)
         ok = rc == 0 and Path(product).exists()
         print(f"    {'done' if ok else 'FAILED'} in {wall:.0f} s" + ("" if ok else
               f" (exit {rc}); its output: {log}\n      " + "\n      ".join(
@@ -572,8 +571,9 @@ def report(a, methods, targets, steps):
     sig = significance(res, tnames)
     res["welch"] = sig
     names = [m.name for m in methods]
-    L = [f"# Transfer: {len(methods)} methods, {', '.join(TARGET_LABELS.get(t, t) for t in tnames)}"
-         f", {a.runs} fine-tuning run(s) each", "",
+    L = [f"# Transfer: {len(methods)} method(s), " + (
+            f"{', '.join(TARGET_LABELS.get(t, t) for t in tnames)}, {a.runs} fine-tuning run(s) "
+            "each" if tnames else "pre-training only"), "",
          f"Pre-training: `--data {a.data or 'demo'}`"
          + (f" ({a.data_root})" if a.data_root else "") + f", launcher `{a.launcher}`. "
          "Each cell: mean ± std (sample std) over the runs, in percent (COCO AP). **Bold**: the "
