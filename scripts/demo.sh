@@ -18,6 +18,7 @@ SMALL=(--data demo --img-size 64 --batch-size 32 --queue-size 512 --workers 2)
 # subsets) it scored 69.5 +- 8.3% against 3 epochs of MoCo v2's 66.9 +- 3.8% (measured, AMD EPYC,
 # 2 cores): demo data cannot rank backbones by it. The 20-NN figures can.
 LOAD0=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
+REUSED=$([ -e "$OUT/moco/backbone.pth" ] && echo 1 || echo 0)  # then the times are not a fresh run's
 START=$(date +%s)
 declare -A T
 
@@ -49,7 +50,7 @@ T[concl]=$((SECONDS - t))
 
 python - "$OUT" "$LOAD0" \
     "moco ${T[moco]}s, probes ${T[probes]}s, Mask R-CNN ${T[finetune]}s, ConCL ${T[concl]}s" \
-    "$START" <<'PY'
+    "$START" "$REUSED" <<'PY'
 import json, os, platform, sys, time
 from pathlib import Path
 
@@ -59,10 +60,13 @@ from common.plots import monitor_sets, plot_logs, random_init_knn
 
 t0 = int(time.time())
 out, load0, steps, start = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+reused = " (results of an earlier run reused: for fresh times, run into a new folder)" if sys.argv[5] == "1" else ""
 moco_log = out / "moco" / "log.jsonl"
 ref = random_init_knn(out / "moco")  # the monitor's tiles, a fresh ResNet-18 of the run's init
-plot_logs([moco_log, out / "concl" / "log.jsonl", out / "finetune-moco" / "run0" / "log.jsonl"],
-          knn_reference={str(moco_log): ref}).save(out / "curves.png")
+concl_log = out / "concl" / "log.jsonl"
+plot_logs([moco_log, concl_log, out / "finetune-moco" / "run0" / "log.jsonl"],
+          knn_reference={str(moco_log): ref, str(concl_log): random_init_knn(out / "concl")}
+          ).save(out / "curves.png")
 knn = [r["knn_accuracy"] for r in map(json.loads, moco_log.read_text().splitlines()) if "knn_accuracy" in r]
 rnd, moco = (json.loads((out / d / "metrics.json").read_text()) for d in ("probe-random", "probe-moco"))
 ft = json.loads((out / "finetune-moco" / "metrics.json").read_text())
@@ -80,7 +84,7 @@ bank, queries = monitor_sets(json.loads((out / "moco" / "args.json").read_text()
 print(f"""
 ---- tour summary (README quotes this block as-is) ----
 machine: {cpu}, {cores} cores, {gpu}, torch {torch.__version__}; load average {load0} at the start, {load1} at the end
-time: {wall // 60}m{wall % 60:02d}s in all ({steps}, pictures and summary {int(time.time()) - t0}s)
+time: {wall // 60}m{wall % 60:02d}s in all ({steps}, pictures and summary {int(time.time()) - t0}s){reused}
 kNN accuracy on the monitor's tiles (20-NN, {bank}-tile bank, {queries} queries): random init {ref:.1f}%, MoCo v2 {' -> '.join(f'{v:.1f}' for v in knn)}% after epochs {', '.join(str(e + 1) for e in range(len(knn)))}
 kNN accuracy of linear_probe.py (20-NN, {moco['num_train']} labelled tiles, {moco['num_test']} test tiles): random init {rnd['knn_accuracy']:.1f}%, MoCo v2 {moco['knn_accuracy']:.1f}%
 Mask R-CNN from MoCo v2, 80 steps on demo glands: box AP50 {ft['bbox']['AP50']:.1f}, mask AP50 {ft['segm']['AP50']:.1f} (AP {ft['bbox']['AP']:.1f} / {ft['segm']['AP']:.1f})""")
