@@ -3,7 +3,7 @@
 Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning" (NeurIPS
 2020). Recipe: the ConCL paper's NCT-CRC-HE-100K setting (ResNet-18, projector 512-512-256,
 predictor 256-512-256, batch 1024, LARS lr 0.2, wd 1.5e-6, 2 warm-up epochs, per-epoch cosine,
-EMA 0.996 -> 1, 200 epochs; methods.md section 3).
+EMA 0.996 -> 1, 200 epochs; docs/methods.md section 3).
 
     torchrun --nproc_per_node=8 byol.py --data nct --data-root /data/NCT-CRC-HE-100K
     python byol.py --data demo --epochs 2 --batch-size 32 --img-size 64   # CPU
@@ -29,7 +29,7 @@ from common.models import convert_split_bn, resnet
 
 # ----------------------------------------------------------------------------- augmentations
 def augmentation(size, blur_p, solarize_p, blur_kernel=None):
-    """methods.md 3.1, the NCT config's pipeline: bicubic crop of 8-100% of the area, flip,
+    """docs/methods.md 3.1, the NCT config's pipeline: bicubic crop of 8-100% of the area, flip,
     jitter (0.4, 0.4, 0.2, 0.1) in random order (torchvision, as the official code), grey;
     blur and solarise with the view's p (in the loader, or on the device: common.augment)."""
     photometric = Photometric(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grey_p=0.2,
@@ -87,7 +87,7 @@ class BYOL(nn.Module):
     @torch.no_grad()
     def momentum_update(self, m):
         """target <- m * target + (1 - m) * online, parameters only: BN buffers are not averaged
-        (methods.md 0.4); the target's BN normalises with batch statistics anyway."""
+        (docs/methods.md 0.4); the target's BN normalises with batch statistics anyway."""
         t, o = list(self.target.parameters()), list(self.online.parameters())
         torch._foreach_mul_(t, m)
         torch._foreach_add_(t, o, alpha=1 - m)
@@ -140,7 +140,7 @@ def get_args(argv=None):
     g.add_argument("--dim", type=cli.positive_int, default=256, help="projection and prediction width")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
                    help="default PIL GaussianBlur(radius=sigma) as the NCT (OpenSelfSup) config; "
-                        "23 = torchvision's exact kernel as official BYOL (methods.md 0.4), "
+                        "23 = torchvision's exact kernel as official BYOL (docs/methods.md 0.4), "
                         "5x the CPU cost")
     p.set_defaults(resume_keys=("hidden_dim", "dim"))
     return p.parse_args(argv)

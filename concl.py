@@ -5,7 +5,7 @@ Images" (ECCV 2022). A reference view (the original tile cropped to the union of
 key crops) carries concept masks; each concept is mapped into both views, its C5 features are
 mask-average-pooled, passed through the shared MoCo-v2 head and contrasted against a queue of
 concept keys. Defaults: the paper's b-ConCL (k-means with K=8 on the key encoder's stage-4
-features), 20 warm-up epochs of instance loss, lambda = 1 (methods.md section 6, D1-D3).
+features), 20 warm-up epochs of instance loss, lambda = 1 (docs/methods.md section 6, D1-D3).
 
     torchrun --nproc_per_node=8 concl.py --data nct --data-root /data/NCT-CRC-HE-100K
     python concl.py --data demo --epochs 3 --warmup-epochs 1 --batch-size 32 --img-size 64 \
@@ -375,7 +375,7 @@ def get_args(argv=None):
     g.add_argument("--temperature", type=cli.positive_float, default=0.2, help="both losses")
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding width (instance and concept)")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
-    g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
+    g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (docs/methods.md D8)")
     g = p.add_argument_group("concl")
     g.add_argument("--concept", choices=["grid", "fh", "kmeans", "file"], default="kmeans",
                    help="g-ConCL, fh-ConCL, b-ConCL, or masks from --concept-dir (bas-ConCL)")
@@ -385,7 +385,7 @@ def get_args(argv=None):
     g.add_argument("--fh-input", choices=["reference", "tile"], default="reference",
                    help="fh-ConCL segments the reference view x_r each step, as the paper "
                         "(the released code has no fh-ConCL); tile: FH once per original tile, "
-                        "cached in --mask-cache and cropped to x_r (methods.md D3; segments "
+                        "cached in --mask-cache and cropped to x_r (docs/methods.md D3; segments "
                         "1.3-1.9x coarser for the same s, no FH cost per step)")
     g.add_argument("--concept-dir", default=None, help="PNG label maps named <tile stem>.png")
     g.add_argument("--concept-threshold", type=cli.nonneg_int, default=None,
@@ -402,7 +402,7 @@ def get_args(argv=None):
     g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=20, help="instance loss only")
     g.add_argument("--official-key-order", action="store_true",
                    help="reproduce the released code, which pools key concepts from the "
-                        "shuffle-BN-permuted (wrong) image (methods.md 6.7); default pairs the same image")
+                        "shuffle-BN-permuted (wrong) image (docs/methods.md 6.7); default pairs the same image")
     g.add_argument("--vis-every", type=cli.nonneg_int, default=10, help="concept PNG every N epochs (0: off)")
     g.add_argument("--show-concepts", type=cli.nonneg_int, default=0, metavar="N",
                    help="write concepts.png for N tiles with the run's checkpoint, then exit")

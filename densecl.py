@@ -2,7 +2,7 @@
 
 Wang et al., "Dense Contrastive Learning for Self-Supervised Visual Pre-Training" (CVPR 2021).
 Recipe: the ConCL paper's NCT setting = MoCo v2's (ResNet-18, batch 256, SGD lr 0.03, wd 1e-4,
-per-epoch cosine, 200 epochs, two queues of 16384, T 0.2, lambda 0.5; methods.md section 4).
+per-epoch cosine, 200 epochs, two queues of 16384, T 0.2, lambda 0.5; docs/methods.md section 4).
 
     torchrun --nproc_per_node=8 densecl.py --data nct --data-root /data/NCT-CRC-HE-100K
     python densecl.py --data demo --epochs 2 --batch-size 32 --img-size 64 --queue-size 512  # CPU
@@ -144,7 +144,7 @@ def get_args(argv=None):
                    help="lambda = 0 for the first N iterations (the official hook; off in every "
                         "released config)")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None, help="as moco.py")
-    g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (methods.md D8)")
+    g.add_argument("--bn-splits", type=cli.positive_int, default=None, help="as moco.py (docs/methods.md D8)")
     p.set_defaults(resume_keys=("queue_size", "dim"))
     args = p.parse_args(argv)
     args.version, args.schedule = "v2", "cos"

@@ -6,7 +6,7 @@ or a grid, or label maps from files). Every view's mask goes through exactly the
 and flip, is area-pooled to the C5 grid (each cell to one mask), and 16 masks per view are
 drawn among those present; their mask-pooled C5 features go through the heads, and a
 contrastive loss pulls the same mask of the two views together against every other mask of
-every image of both views (methods.md section 5, D4, D5). S: SimCLR's network, augmentations
+every image of both views (docs/methods.md section 5, D4, D5). S: SimCLR's network, augmentations
 and LARS; B: BYOL's online/target networks, predictor, EMA and asymmetric augmentations.
 The recipes are the parents' NCT recipes, read from simclr.py / byol.py (lr, weight decay,
 warm-up; 200 epochs, batch 1024, per-epoch cosine); the released rates are flags (see --lr).
@@ -307,7 +307,7 @@ RELEASED_LR = {"S": 0.3 * 1024 / 256, "B": 0.2 * 1024 / 256}  # the paper's 0.3 
 
 def variant_defaults(variant):
     """lr (at global batch 1024), wd, warm-up epochs and projection width of the parent's NCT
-    recipe, read from simclr.py / byol.py themselves so the two cannot drift apart (methods.md
+    recipe, read from simclr.py / byol.py themselves so the two cannot drift apart (docs/methods.md
     5.6: DetCon on NCT reuses its parent's recipe, so the comparison is fair)."""
     parent = PARENTS[variant].get_args([])
     assert parent.paper_batch == 1024
@@ -358,7 +358,7 @@ def get_args(argv=None):
                    help="B: EMA m at step 0, rising to 1 on a cosine of the global step")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
                    help="blur: default PIL GaussianBlur(radius=sigma) as the NCT (OpenSelfSup) "
-                        "config; 23 = torchvision's exact kernel (methods.md 0.4), 5x the CPU cost")
+                        "config; 23 = torchvision's exact kernel (docs/methods.md 0.4), 5x the CPU cost")
     g.add_argument("--vis-tiles", type=cli.nonneg_int, default=8,
                    help="masks.png with this many tiles at the start (0: off)")
     p.epilog = ("CPU example (minutes):\n  python detcon.py --data demo --epochs 2 --batch-size 16 "

@@ -8,7 +8,7 @@ P_{5-i}; windows go one by one through a shared 4-conv head, a projector and the
 predictor, and must retrieve the EMA target's level-0 embedding of their own image, from the other
 branch, among the whole global batch. Defaults: the appendix (S = 3 levels, weights 1/2^(i+1),
 heads 2048 -> 256 with a final BN), on the BYOL NCT scale: batch 256, LARS lr 1.0 x B/256, wd
-1e-5, 10 warm-up epochs, cosine per step, EMA 0.99 -> 1, 200 epochs (methods.md 7, D5, D6).
+1e-5, 10 warm-up epochs, cosine per step, EMA 0.99 -> 1, 200 epochs (docs/methods.md 7, D5, D6).
 `--levels 4` is the released 4-level variant (weights 1/2, 1/4, 1/8, 1/8; level 3 = B/32 montages
 of 64 cells, every image twice). Head and projector normalise each level on its own (BN over
 that level's windows), as the released neck. Unlike the released code, the FPN outputs run only
@@ -45,7 +45,7 @@ from common.models import resnet, resnet_maps
 
 # ----------------------------------------------------------------------------- views
 def augmentations(size, levels):
-    """2 x S views per image (methods.md 7.1): branch q's S draws with BYOL's view-1 settings
+    """2 x S views per image (docs/methods.md 7.1): branch q's S draws with BYOL's view-1 settings
     (blur always, no solarise), branch k's S with view-2 settings (blur 0.1, solarise 0.2); MCL
     crops 20-100% of the area, bilinear, where BYOL crops 8-100%, bicubic."""
     views = []

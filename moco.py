@@ -3,7 +3,7 @@
 He et al., "Momentum Contrast for Unsupervised Visual Representation Learning" (CVPR 2020);
 Chen et al., "Improved Baselines with Momentum Contrastive Learning" (2020). Recipe: the ConCL
 paper's NCT-CRC-HE-100K setting (ResNet-18, heads 512-128 / 512-512-128, queue 16384, batch 256,
-SGD lr 0.03, wd 1e-4, 200 epochs; methods.md section 2).
+SGD lr 0.03, wd 1e-4, 200 epochs; docs/methods.md section 2).
 
     torchrun --nproc_per_node=8 moco.py --data nct --data-root /data/NCT-CRC-HE-100K
     python moco.py --data demo --epochs 2 --batch-size 32 --img-size 64 --queue-size 512   # CPU
@@ -30,7 +30,7 @@ from common.models import convert_split_bn, resnet
 
 # ----------------------------------------------------------------------------- augmentations
 def augmentation(version, size, blur_kernel=None):
-    """methods.md 2.1. v1: grey *before* an always-on jitter with hue 0.4; v2: SimCLR-style.
+    """docs/methods.md 2.1. v1: grey *before* an always-on jitter with hue 0.4; v2: SimCLR-style.
     The photometric ops run in the loader or, with --device-aug, on the device (common.augment)."""
     if version == "v1":
         photometric = Photometric(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grey_p=0.2,
@@ -166,14 +166,14 @@ def get_args(argv=None):
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding width (the head's output)")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
                    help="v2 blur: default PIL GaussianBlur(radius=sigma) as the official code; "
-                        "23 = torchvision's exact kernel (methods.md 0.4), 5x the CPU cost")
+                        "23 = torchvision's exact kernel (docs/methods.md 0.4), 5x the CPU cost")
     g.add_argument("--schedule", choices=["cos", "step"], default=None,
                    help="default v1 step, v2 per-epoch cosine")
     g.add_argument("--lr-steps", type=cli.positive_int, nargs="+", default=None,
                    help="v1 decay epochs (x0.1); default 0.6 and 0.8 of --epochs (120, 160 at "
                         "200). ConCL's 400/800-epoch v1 configs kept 120, 160: pass them to match")
     g.add_argument("--bn-splits", type=cli.positive_int, default=None,
-                   help="BN groups per process (methods.md D8); default batch-size / 32, so "
+                   help="BN groups per process (docs/methods.md D8); default batch-size / 32, so "
                         "BN always sees the paper's 32 images per GPU")
     p.set_defaults(resume_keys=("version", "queue_size", "dim"))
     args = p.parse_args(argv)

@@ -336,11 +336,11 @@ def get_args(argv=None):
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding and prototype size")
     g.add_argument("--blur-kernel", type=cli.odd_kernel, default=None,
                    help="blur: default PIL GaussianBlur(radius=sigma) as the official code; 23 = "
-                        "torchvision's exact kernel (methods.md 0.4), 5x the CPU cost")
+                        "torchvision's exact kernel (docs/methods.md 0.4), 5x the CPU cost")
     g.add_argument("--bn-splits", type=cli.positive_int, default=None,
                    help="shuffle-BN emulation, BN statistics over this many groups of the "
                         "per-process batch; default per-process batch / 32, at least 1 (as "
-                        "moco.py, methods.md D8)")
+                        "moco.py, docs/methods.md D8)")
     for action in p._actions:
         if action.dest == "init":  # the released PCL code keeps torchvision's init (issue 22.4)
             action.default = "torchvision"

@@ -6,7 +6,7 @@ DenseCL's global + dense InfoNCE with two queues, plus BYOL's pieces (predictors
 0.99 -> 1, symmetric loss, BYOL augmentations) on two *overlapping* crops. `--match` picks the
 positive of a query pixel: `sim` the most similar key pixel (DenseCL's rule), `coord` the key
 pixel at the same place of the tile, `sr` (default, the released code) `sim` with semantic
-reweighting. Recipe (methods.md section 8, NCT as the other baselines): ResNet-18, neck
+reweighting. Recipe (docs/methods.md section 8, NCT as the other baselines): ResNet-18, neck
 512-512-128 with BN, batch 256, SGD lr 0.2 x B/256, wd 1e-4, 4 warm-up epochs, per-epoch cosine,
 200 epochs, queues 2 x 16384, T 0.2, lambda 0.5.
 
@@ -39,7 +39,7 @@ from common import train as ctrain
 from common.models import resnet, resnet_maps
 from moco import moco_logits
 
-OVERLAP_TRIES, MIN_OVERLAP = 10, 0.01  # the released sampler's constants (methods.md 8.1)
+OVERLAP_TRIES, MIN_OVERLAP = 10, 0.01  # the released sampler's constants (docs/methods.md 8.1)
 
 
 # ----------------------------------------------------------------------------- overlapping views
@@ -144,7 +144,7 @@ def overlap_mask(box, s):
 
 # ----------------------------------------------------------------------------- matching rules
 def coord_match(box_q, box_k, flip_q, flip_k, s):
-    """PixCon-Coord (methods.md D7). Boxes (N, 4) in image pixels, flips (N,) bool, s x s grid ->
+    """PixCon-Coord (docs/methods.md D7). Boxes (N, 4) in image pixels, flips (N,) bool, s x s grid ->
     idx (N, s * s): the key cell nearest to the point of the image under each query cell's
     centre; valid (N, s * s): that point lies inside the key crop (the others are dropped)."""
     c = (torch.arange(s, device=box_q.device, dtype=box_q.dtype) + 0.5) / s
@@ -168,7 +168,7 @@ def match_similarity(q_feat, k_feat, idx):
 
 
 def sr_weights(sim, overlap, power=2.0, eps=1e-6):
-    """Semantic reweighting (methods.md 8.4). sim (N, S) similarity of each query pixel's match,
+    """Semantic reweighting (docs/methods.md 8.4). sim (N, S) similarity of each query pixel's match,
     overlap (N, S) bool -> (N, S) weights in [0, 1]: min-max normalised per image with the min
     over all pixels and the max over those outside the overlap, overlap pixels 1, then ^power.
     No pixel outside: all 1; a zero range: outside pixels 0 (they all sit at the minimum)."""
@@ -388,7 +388,7 @@ def get_args(argv=None):
     g = p.add_argument_group("pixcon")
     g.add_argument("--match", choices=["sim", "coord", "sr"], default="sr",
                    help="a query pixel's positive: sim = most similar key pixel (PixCon-Sim, "
-                        "DenseCL's rule), coord = same place of the tile (PixCon-Coord, methods.md "
+                        "DenseCL's rule), coord = same place of the tile (PixCon-Coord, docs/methods.md "
                         "D7), sr = sim with semantic reweighting (PixCon-SR, the released config)")
     g.add_argument("--queue-size", type=cli.positive_int, default=16384,
                    help="both queues (the NCT size of the MoCo family; released COCO: 65536)")
@@ -400,7 +400,7 @@ def get_args(argv=None):
     g.add_argument("--warmup-epochs", type=cli.nonneg_int, default=4,
                    help="linear lr warm-up (per step, from 1e-4 x lr)")
     g.add_argument("--hidden-dim", type=cli.positive_int, default=512,
-                   help="neck and predictor hidden width (methods.md D5; released R50: 2048)")
+                   help="neck and predictor hidden width (docs/methods.md D5; released R50: 2048)")
     g.add_argument("--dim", type=cli.positive_int, default=128, help="embedding width")
     g.add_argument("--sr-power", type=cli.positive_float, default=2.0,
                    help="--match sr: power of the weights (the released config)")

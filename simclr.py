@@ -4,7 +4,7 @@ Chen et al., "A Simple Framework for Contrastive Learning of Visual Representati
 `--aug histo` is Ciga et al.'s histopathology recipe ("Self supervised contrastive learning for
 digital histopathology", 2021, appendix C). Recipe: the ConCL paper's NCT setting (ResNet-18,
 head 512-512-128 with BN, T 0.1, global batch 1024, LARS lr 0.6, wd 1e-6, 10 warm-up epochs,
-per-epoch cosine, 200 epochs; methods.md section 1).
+per-epoch cosine, 200 epochs; docs/methods.md section 1).
 
     torchrun --nproc_per_node=8 simclr.py --data nct --data-root /data/NCT-CRC-HE-100K
     python simclr.py --data demo --epochs 2 --batch-size 32 --img-size 64 --warmup-epochs 1  # CPU
@@ -40,7 +40,7 @@ class RandomRot90:
 
 
 def augmentation(kind, size, blur_kernel=None):
-    """methods.md 1.1 (`simclr`, the NCT config) or Ciga et al.'s `histo`: crops down to 1% of
+    """docs/methods.md 1.1 (`simclr`, the NCT config) or Ciga et al.'s `histo`: crops down to 1% of
     the area, 90-degree rotations, both flips, medium jitter, blur; no grey. SimCLR needs no
     crop boxes, so the rotation and vertical flip run after the view's geometry (in the loader,
     before the photometric ops, which run there or with --device-aug on the device)."""

@@ -23,7 +23,7 @@ def resnet(arch, init="openselfsup"):
     the ConCL paper: convolutions Kaiming-normal with fan_in (mmcv `kaiming_init(mode='fan_in')`,
     bias 0), BN weight 1 / bias 0. "torchvision": torchvision's own (Kaiming fan_out), which the
     official MoCo / SimCLR-PyTorch code inherits. No zero-init of residual BN gammas in either
-    (none of the recipes use it, methods.md 0.2).
+    (none of the recipes use it, docs/methods.md 0.2).
     """
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r}: choose from {', '.join(ARCHS)}")
@@ -43,7 +43,7 @@ class _SplitBN:
     """BatchNorm whose training statistics come from `num_splits` groups of the batch.
 
     One process with batch 256 and 8 splits normalises exactly like 8 GPUs with 32 images each,
-    which is what MoCo's shuffle-BN assumes (methods.md D8; the official single-GPU demo,
+    which is what MoCo's shuffle-BN assumes (docs/methods.md D8; the official single-GPU demo,
     facebookresearch/moco colab notebook, does the same); BYOL's heads use it for the recipe's
     per-GPU BN1d. Running statistics are updated with the mean of the chunks' statistics.
     Parameters and buffers are those of nn.BatchNorm1d/2d, so state_dicts stay interchangeable.

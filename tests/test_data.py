@@ -27,7 +27,7 @@ def args_for(data, root=None, **kw):
 
 # ----------------------------------------------------------------------------- NCT layouts
 def test_nct_nested_zip_layouts_find_class_from_nearest_class_folder(tmp_path):
-    # the three nestings the official zips are known to produce (datasets.md 1)
+    # the three nestings the official zips are known to produce (docs/datasets.md 1)
     save(tmp_path / "ADI" / "ADI-AAAFLCLY.tif", tile(10))
     save(tmp_path / "NCT-CRC-HE-100K" / "NCT-CRC-HE-100K" / "TUM" / "TUM-AAAAAAAA.tif", tile(20))
     save(tmp_path / "CRC-VAL-HE-7K" / "MUS" / "MUS-TCGA-BBBBBBBB.tif", tile(30))

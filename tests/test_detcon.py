@@ -91,7 +91,7 @@ def test_online_and_target_use_the_same_draw(monkeypatch):
 
 # ----------------------------------------------------------------------------- the loss
 def reference_loss(a1, a2, ids1, ids2, T, t1=None, t2=None):
-    """methods.md 5.4 written out row by row in plain Python."""
+    """docs/methods.md 5.4 written out row by row in plain Python."""
     t1, t2 = (a1 if t1 is None else t1), (a2 if t2 is None else t2)
     a1, a2, t1, t2 = (F.normalize(x, dim=-1).tolist() for x in (a1, a2, t1, t2))
     ids1, ids2 = ids1.tolist(), ids2.tolist()
@@ -267,7 +267,7 @@ def test_tiny_runs(tmp_path, variant, masks, nproc):
 
 
 def test_variant_defaults_are_the_parents_nct_recipes():
-    """methods.md 5.6: DetCon_S trains with simclr.py's recipe, DetCon_B with byol.py's (issue
+    """docs/methods.md 5.6: DetCon_S trains with simclr.py's recipe, DetCon_B with byol.py's (issue
     22.1: they were 2x and 4x the parents' lr); the released rates stay one flag away."""
     for variant, parent in (("S", simclr), ("B", byol)):
         got, want = detcon.get_args(["--variant", variant]), parent.get_args([])
