@@ -42,7 +42,7 @@ from common.data import DataError, GaussianBlur, MultiViewDataset, View
 JITTER, ORDER, FACTOR, GREY, BLUR, SIGMA, SOLARIZE, P = 0, 1, 5, 9, 10, 11, 12, 13
 # ColorJitter's four ops, in the index order of torchvision's randperm(4) (ORDER entries).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-DEVICE_BLUR_KERNEL = 23  # torchvision's kernel at 224 px (methods.md 0.4): ~6 sigma at sigma 2
+DEVICE_BLUR_KERNEL = 23  # torchvision's kernel at 224 px (docs/methods.md 0.4): ~6 sigma at sigma 2
 
 
 @dataclass(frozen=True)
@@ -357,7 +357,7 @@ class DeviceAugment:
         if getattr(getattr(dataset, "base", None), "device_crop", False):
             self.crop = self._crop_views(dataset)
             dataset.device_crop = True
-        dataset.device_aug = True  # read by the workers, forked at each epoch's first batch
+        dataset.device_aug = True  # read by the workers: set before the first batch forks them
 
     @staticmethod
     def _crop_views(dataset):

@@ -31,7 +31,7 @@ from common import dist as cdist
 from common.cli import nonneg_int, positive_int
 
 # Our label order (alphabetical, as MedMNIST, eva and the Zenodo folders); ConCL's lists use
-# another order, which only matters for their *_labeled.txt files (datasets.md 1).
+# another order, which only matters for their *_labeled.txt files (docs/datasets.md 1).
 NCT_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -186,7 +186,7 @@ class ImageList(torch.utils.data.Dataset):
 
 def nct_dataset(root, train_list=None, skip_bad=False):
     """NCT-CRC-HE-100K / -NONORM / CRC-VAL-HE-7K. The class of a tile is its nearest ancestor
-    folder named after a class: the official zips nest inconsistently (datasets.md 1)."""
+    folder named after a class: the official zips nest inconsistently (docs/datasets.md 1)."""
     root = Path(root)
     found = {}
     for p in find_images(root):
@@ -427,7 +427,7 @@ class GaussianBlur:
     """Gaussian blur with sigma ~ U(sigma), drawn from torch's RNG.
 
     kernel=None applies PIL's GaussianBlur(radius=sigma), exactly what the official MoCo and
-    OpenSelfSup (ConCL's NCT recipes) code does. methods.md 0.4 suggests torchvision's 23-px
+    OpenSelfSup (ConCL's NCT recipes) code does. docs/methods.md 0.4 suggests torchvision's 23-px
     kernel everywhere instead (kernel=23): on real NCT tiles the two differ by < 1 grey level
     on average (up to ~30 at sharp edges; PIL approximates the Gaussian with box blurs) and the
     exact kernel costs 5-6x more CPU (11 vs 2 ms at 224 px, one core).
@@ -561,7 +561,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
     "skipped"}; with device_aug (set by --device-aug, common.augment.DeviceAugment) the views
     leave without their photometric ops and "photo": [(P,) parameters]*V carries them.
     Randomness comes from (seed, epoch, index) only; call set_epoch before each epoch's iterator
-    is created (workers are re-forked per epoch and pick it up).
+    is created: set_epoch is called in the main process each epoch and, in the (persistent)
+    workers, with every index (pretrain_loader). Attributes set after the first batch do not
+    reach the workers.
     """
 
     def __init__(self, base, views, seed=0):

@@ -84,7 +84,7 @@ def remove_if_empty(folder):
 
 
 def add_common_args(parser, *, batch_size, lr, epochs=200, weight_decay=1e-4):
-    """The contract's flags (design.md). `batch_size` and `lr` are the paper's *global* batch and
+    """The contract's flags (docs/design.md). `batch_size` and `lr` are the paper's *global* batch and
     its lr; the per-process batch defaults to global / world size and the lr is scaled linearly
     with the global batch actually used."""
     cdata.add_data_args(parser)
@@ -190,10 +190,18 @@ class Run:
             token, err = shared
         if err:
             raise cdata.DataError(err)
-        try:
-            seen = probe.read_text() == token
-        except OSError:
-            seen = False
+        # a shared file system (NFS) may cache "no such file" for a few seconds: look again
+        wait = float(os.environ.get("OUTPUT_DIR_WAIT_S", 30)) if self.world > 1 else 0
+        seen, deadline = False, time.monotonic() + wait
+        while True:
+            try:
+                seen = probe.read_text() == token
+            except OSError:
+                seen = False
+            if seen or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+            os.listdir(self.out)  # refresh the directory's cached entries
         missing = torch.tensor([float(not seen)], device=self.device)
         cdist.all_reduce(missing, "max")
         cdist.barrier()
@@ -691,7 +699,8 @@ class Trainer:
         def known(k, v):
             return k in self._checked and self._checked[k][0] is v
         rest = [k for k, v in parts.items() if torch.is_tensor(v) and not known(k, v)]
-        fetched = dict(zip(rest, torch.stack([parts[k].detach().to(torch.float64).reshape(())
+        # .cpu() first: such parts may mix host tensors (from the batch) and device tensors
+        fetched = dict(zip(rest, torch.stack([parts[k].detach().cpu().to(torch.float64).reshape(())
                                               for k in rest]).tolist())) if rest else {}
         self._add({**{k: self._checked[k][1] if known(k, v) else fetched[k] if k in fetched
                       else float(v) for k, v in parts.items()}, "lr": lr})

@@ -5,6 +5,7 @@ node-local: every rank gets its own folder at "the same path" (as node-local sto
     must refuse to start with one line; the same folder for both starts.
 headers: the image headers are read by local rank 0 only, and both ranks name the bad file.
 """
+import os
 import signal
 import sys
 from pathlib import Path
@@ -29,7 +30,9 @@ def run_in(folder):
 
 def main(base):
     rank, world, local, _ = cdist.init_distributed()
-    # node-local: rank r's folder holds only what rank r wrote
+    # node-local: rank r's folder holds only what rank r wrote (looked for again for 2 s, not
+    # the 30 s a shared file system's cache may need)
+    os.environ["OUTPUT_DIR_WAIT_S"] = "2"
     try:
         run_in(base / f"node{rank}")
         print(f"rank {rank}: node-local folders were accepted", flush=True)
