@@ -69,7 +69,10 @@ def plan(args):
     return {"version": cdata.STORE_VERSION, "data": args.data, "root": str(root),
             "train_list": str(Path(args.train_list).resolve()) if args.train_list else None,
             "count": len(ds), "height": h, "width": w, "classes": list(ds.classes),
-            "paths": [Path(p).resolve().relative_to(root).as_posix() for p in ds.paths],
+            # relative to the (resolved) root without resolving the files: a file may be a
+            # symlink to elsewhere, as datasets often are on a cluster
+            "paths": [Path(os.path.relpath(os.path.abspath(p), os.path.abspath(args.data_root)))
+                      .as_posix() for p in ds.paths],
             "labels": list(ds.targets), "file_sizes": [s.st_size for s in stats],
             "file_mtimes_ns": [s.st_mtime_ns for s in stats],
             "left_out": list(ds.left_out), "command": command}
@@ -150,7 +153,13 @@ def pack(args):
     if crc is None:
         partial.mkdir(parents=True)
         with open(partial / "tiles.u8", "wb") as f:
-            f.truncate(n * shape[1] * shape[2] * 3)  # sparse until filled
+            try:  # reserve the space now: a full disk would otherwise kill a worker (SIGBUS)
+                os.posix_fallocate(f.fileno(), 0, n * shape[1] * shape[2] * 3)
+            except OSError as e:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise cdata.DataError(
+                    f"cannot reserve {n * shape[1] * shape[2] * 3 / 1e9:.2f} GB for the store in "
+                    f"{out.parent} ({e.strerror or e}): free space or choose another --out")
         crc = np.full(n, -1, dtype=np.int64)
         _save_progress(partial, crc)
         (partial / "plan.json.tmp").write_text(json.dumps(p))
