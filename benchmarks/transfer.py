@@ -255,10 +255,40 @@ class Steps:
     def record(self, step):
         return self.out / "steps" / (step.replace("/", "__") + ".json")
 
-    def done(self, step, argv, product):
+    @staticmethod
+    def inputs(argv):
+        """What a step reads besides its command: the backbone file it fine-tunes or probes
+        (its path stays the same when its pre-training is redone), by size and mtime."""
+        if "--pretrained" in argv:
+            f = Path(argv[argv.index("--pretrained") + 1])
+            if f.is_file():
+                st = f.stat()
+                return [str(f), st.st_size, st.st_mtime_ns]
+        return None
+
+    def done(self, step, argv, product, launcher):
         r = self.record(step)
-        return (r.exists() and json.loads(r.read_text())["argv"] == argv
-                and Path(product).exists())
+        if not (r.exists() and Path(product).exists()):
+            return False
+        rec = json.loads(r.read_text())
+        if rec["argv"] != argv:
+            return False
+        inputs = self.inputs(argv)  # (records of older versions hold no inputs)
+        if rec.get("launcher") == launcher and rec.get("inputs", inputs) == inputs:
+            return True
+        if "--output-dir" not in argv:
+            return False
+        # same command, but another launcher (another global batch) or a redone backbone: the
+        # step's folder (which the scripts would resume or reuse) is moved aside, not reused
+        folder = Path(argv[argv.index("--output-dir") + 1])
+        if folder.exists():
+            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+            while (aside := folder.with_name(f"{folder.name}.old-{stamp}"
+                                             + (f"-{n}" if n else ""))).exists():
+                n += 1
+            folder.rename(aside)
+            print(f"note: {step}: its launcher or backbone changed; {folder} moved to {aside}")
+        return False
 
     def run(self, step, argv, product, parallel=True):
         """argv: the script and its flags (relative paths from the repository root). product:
@@ -267,7 +297,7 @@ class Steps:
         argv = [str(a) for a in argv]
         launcher = self.launcher if parallel else "python"
         self.commands.append((step, f"{launcher} {shlex.join(argv)}"))
-        if self.done(step, argv, product):
+        if self.done(step, argv, product, launcher):
             return True
         if self.dry_run:
             return False
@@ -302,6 +332,7 @@ class Steps:
         if ok:
             tmp = self.record(step).with_suffix(".tmp")
             tmp.write_text(json.dumps({"argv": argv, "launcher": launcher,
+                                       "inputs": self.inputs(argv),
                                        "finished": datetime.datetime.now().isoformat()}, indent=2))
             os.replace(tmp, self.record(step))
         else:
@@ -797,6 +828,8 @@ def main(argv=None):
         report(a, methods, targets, steps)
     else:
         run_all(a, methods, targets, steps)
+        if not a.dry_run:  # also when the last method's pre-training failed
+            report(a, methods, targets, steps)
     steps.write_commands()
     if a.dry_run:
         print(f"{Path(a.out) / 'commands.sh'}: {len(steps.commands)} steps")

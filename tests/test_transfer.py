@@ -144,6 +144,29 @@ TINY = ["--methods", "moco_v2=moco_v2 --queue-size 16 --knn-every 0", "random",
                            "--precise-bn 2 --workers 0 --vis 1"]
 
 
+def test_a_redone_backbone_or_another_launcher_is_not_reused(tmp_path):
+    """A fine-tuning step names its backbone by a path that stays when pre-training is redone:
+    its record keeps the file's size and mtime, and a change (or another launcher) sets the
+    old folder aside instead of reusing it."""
+    steps = tr.Steps(tmp_path / "out", "python")
+    backbone, folder = tmp_path / "backbone.pth", tmp_path / "ft"
+    backbone.write_bytes(b"old")
+    folder.mkdir()
+    (folder / "summary.json").write_text("{}")
+    argv = ["finetune_maskrcnn.py", "--pretrained", str(backbone), "--output-dir", str(folder)]
+    steps.record("ft").write_text(json.dumps({"argv": argv, "launcher": "python",
+                                              "inputs": steps.inputs(argv)}))
+    assert steps.done("ft", argv, folder / "summary.json", "python")
+    assert not steps.done("ft", argv, folder / "summary.json", "torchrun --nproc_per_node=2")
+    assert not folder.exists() and len(list(tmp_path.glob("ft.old-*"))) == 1
+    folder.mkdir()
+    (folder / "summary.json").write_text("{}")
+    assert steps.done("ft", argv, folder / "summary.json", "python")
+    backbone.write_bytes(b"redone")  # another size: pre-training was redone
+    assert not steps.done("ft", argv, folder / "summary.json", "python")
+    assert not folder.exists()
+
+
 def test_end_to_end_on_demo_then_resume_without_redoing(tmp_path, monkeypatch):
     out = tmp_path / "t"
     run_script("benchmarks/transfer.py", *TINY, "--out", out, timeout=900)
