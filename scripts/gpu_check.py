@@ -131,7 +131,8 @@ def twins(ctx):
     return rc == 0 and set(good) == set(methods) and all(good.values()), {"rc": rc, **lines}
 
 
-def _tree(pid):
+def process_tree(pid):
+    """pid and all its descendants (from /proc)."""
     kids = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -164,7 +165,7 @@ def sigterm(ctx):
     while not (folder / "checkpoint.pth").exists() and proc.poll() is None and time.time() - t0 < 300:
         time.sleep(0.05)
     time.sleep(0.3 if ctx["cpu"] else 0.1)  # into epoch 1 (an H200 runs 8 steps in well under 1 s)
-    for pid in _tree(proc.pid):
+    for pid in process_tree(proc.pid):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:

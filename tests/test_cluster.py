@@ -16,6 +16,7 @@ import torch.distributed as dist
 from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
+from scripts.gpu_check import process_tree as tree
 from tests.conftest import REPO, free_port, run_script
 
 TINY = ["--data", "demo", "--demo-size", "16", "--img-size", "32", "--queue-size", "64",
@@ -257,23 +258,6 @@ def test_repeated_sigterm_is_one_stop_and_only_a_later_second_ctrl_c_aborts(tmp_
 def test_node_local_folders_are_refused_and_headers_are_read_once_per_node(tmp_path):
     p = run_script("tests/dist_cases.py", tmp_path, nproc=2)
     assert p.stdout.count("ok node-local") == 2 and p.stdout.count("ok headers") == 2, p.stdout
-
-
-def tree(pid):
-    """pid and all its descendants (from /proc)."""
-    kids = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo += kids.get(out[-1], [])
-    return out
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
