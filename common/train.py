@@ -201,7 +201,10 @@ class Run:
             if seen or time.monotonic() > deadline:
                 break
             time.sleep(1)
-            os.listdir(self.out)  # refresh the directory's cached entries
+            try:  # refresh the directory's cached entries
+                os.listdir(self.out)
+            except OSError:
+                pass
         missing = torch.tensor([float(not seen)], device=self.device)
         cdist.all_reduce(missing, "max")
         cdist.barrier()
