@@ -129,7 +129,7 @@ def get_args(argv=None):
     g.add_argument("--runs", type=cli.positive_int, default=5, help="independent fine-tunings "
                    "(seeds seed..seed+runs-1); the paper reports the mean of 5")
     g.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the first run")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (on CUDA; on the CPU too, as the tests' twin)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None,
                    help="default runs/finetune_<data>_<pre-training>[_retinanet], the pre-training "

@@ -162,7 +162,7 @@ def load_pretrained(net, spec):
     Raises DataError naming the file when no complete body is there (a foreign or mismatched
     architecture) rather than fine-tuning a half-random network."""
     if spec == "random":
-        return "random initialisation (torchvision's)"
+        return "random initialisation (OpenSelfSup's, resnet()'s default)"
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"--pretrained {spec}: no such file (or 'random')")

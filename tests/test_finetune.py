@@ -40,7 +40,8 @@ def test_resume_is_exact_and_eval_only_reproduces(tmp_path):
     p = run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut",
                    "--stop-after-steps", "3")
     assert "stopped by --stop-after-steps at iteration 3" in p.stdout
-    assert "run 0: ResNet body: random initialisation (torchvision's); FPN and heads random" in p.stdout
+    assert ("run 0: ResNet body: random initialisation (OpenSelfSup's, resnet()'s default); "
+            "FPN and heads random") in p.stdout
     assert not (tmp_path / "cut" / "run0" / "metrics.json").exists()
     p = run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut")
     # the resumed run says where its weights come from, and nothing that reads as a reset
