@@ -28,17 +28,11 @@ from torch.utils.data import default_collate
 from common import cli
 from common import data as cdata
 from common import dist as cdist
+from common import pictures
 from common import train as ctrain
 from common.masks import FHCache, felzenszwalb, grid_labels, kmeans, one_hot
 from common.models import resnet_maps
 from moco import MoCo, augmentation, check_moco_args, info_nce, lr_at, moco_logits
-
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-                    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
-                    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128)],
-                   np.uint8)
-
 
 # ----------------------------------------------------------------------------- concept geometry
 def union_box(boxes):
@@ -266,28 +260,6 @@ class ConCL(MoCo):
 
 
 # ----------------------------------------------------------------------------- seeing concepts
-def overlay(img, labels, alpha=0.2, cell=None, width=2):
-    """uint8 (3, H, W) image + (h, w) ids -> (cell, cell, 3) uint8 (default H x W): each id's
-    region lightly tinted in its colour and outlined in it (`width` px), so the tissue's own
-    colours stay readable; -1 is left as it is. Image enlarged bicubically, ids by nearest."""
-    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-    cell = cell or pil.width
-    base = np.asarray(pil.resize((cell, cell), Image.BICUBIC)).astype(np.float32)
-    if labels is None:
-        return base.astype(np.uint8)
-    lab = np.asarray(Image.fromarray(labels.cpu().numpy().astype(np.int32)).resize(
-        (cell, cell), Image.NEAREST))
-    colour = PALETTE[lab % len(PALETTE)].astype(np.float32)
-    edge = np.zeros(lab.shape, bool)  # pixels within `width` of another id
-    for s in range(1, width + 1):
-        edge[:-s] |= lab[:-s] != lab[s:]
-        edge[s:] |= lab[s:] != lab[:-s]
-        edge[:, :-s] |= lab[:, :-s] != lab[:, s:]
-        edge[:, s:] |= lab[:, s:] != lab[:, :-s]
-    a = np.where(lab >= 0, np.where(edge, 1.0, alpha), 0.0)[..., None]
-    return ((1 - a) * base + a * colour).astype(np.uint8)
-
-
 def sheet(rows, headers, cell, captions=(), note=""):
     """Rows of equal (cell, cell, 3) pictures under a header naming each column and a note; a
     caption line under each row."""
@@ -324,12 +296,14 @@ def save_concepts(model, batch, args, path, cell=None):
     size = args.img_size // 32
     rows, captions = [], []
     for b in range(ref.shape[0]):
-        row = [overlay(ref[b], None, cell=cell), overlay(ref[b], labels[b], cell=cell)]
+        tile = pictures.enlarge(pictures.to_rgb(ref[b]), cell)
+        row = [tile, pictures.paint(tile, labels[b])]  # light tint + outlines: tissue readable
         seen = []
         for v in range(2):
             lab = view_masks(labels[b:b + 1], batch["ref_box"][b:b + 1], batch["boxes"][v][b:b + 1],
                              batch["flips"][v][b:b + 1], size, args.concept_ids)[0]
-            row.append(overlay(batch["views"][v][b], lab, cell=cell))
+            row.append(pictures.paint(pictures.enlarge(pictures.to_rgb(batch["views"][v][b]),
+                                                       cell), lab))
             seen.append(set(lab[lab >= 0].tolist()))
         rows.append(row)
         n_ref = len(set(labels[b][labels[b] >= 0].tolist()))

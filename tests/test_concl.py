@@ -236,11 +236,13 @@ def test_concept_overlay_keeps_the_tissue_readable():
     # lightly tinted (20% of their colour), outlined in full colour where ids meet, none untouched
     img = torch.full((3, 8, 8), 100, dtype=torch.uint8)
     labels = torch.tensor([[0, 0, 1, 1]] * 3 + [[-1] * 4])
-    out = concl.overlay(img, labels, cell=16, width=1).astype(int)
-    tint = lambda c: (0.8 * 100 + 0.2 * concl.PALETTE[c].astype(float)).astype(int)
+    from common import pictures  # what save_concepts draws each panel with
+    out = pictures.paint(pictures.enlarge(pictures.to_rgb(img), 16), labels).astype(int)
+    P = pictures.PALETTE
+    tint = lambda c: (0.8 * 100 + 0.2 * P[c].astype(float)).astype(int)
     assert (out[2, 2] == tint(0)).all() and (out[2, 13] == tint(1)).all()
-    assert (out[2, 7] == concl.PALETTE[0]).all() and (out[2, 8] == concl.PALETTE[1]).all()
-    assert (out[11, 2] == concl.PALETTE[0]).all() and (out[14, 2] == 100).all()
+    assert (out[2, 7] == P[0]).all() and (out[2, 8] == P[1]).all()
+    assert (out[11, 2] == P[0]).all() and (out[14, 2] == 100).all()
 
 
 # ----------------------------------------------------------------------------- fidelity (issue 12)
