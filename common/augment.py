@@ -361,26 +361,43 @@ class DeviceAugment:
 
     @staticmethod
     def _crop_views(dataset):
-        """--device-crop: [(size, Pillow filter)] per view, or DataError for views it cannot
-        crop: a dataset that builds more than its View list's views in its own file (a
-        reference view, masks, overlapping crops), geometric ops on PIL, another filter."""
+        """--device-crop: [(size, Pillow filter, geometric op or None)] per view, or DataError
+        for views it cannot crop. A dataset whose augment() builds more than its View list's
+        views (a reference view, masks, overlapping crops) must also extend draw_params (the
+        same numbers without pixels) and, without a View list, name its crops in `crop_views`
+        [(size, filter)]; it then finishes its extras on the device in its own file, from
+        batch["tile"] (the uint8 tiles on the device)."""
+        name = type(dataset).__name__
         own = type(dataset).augment is not MultiViewDataset.augment
-        if own or not all(isinstance(v, View) for v in dataset.views):
-            raise DataError(f"--device-crop: {type(dataset).__name__} builds its views in its "
-                            "own file (a reference view, masks, overlapping crops: see common."
-                            "crop for what they need); run with --data-store and --device-aug")
-        for v in dataset.views:
-            if v.geometric is not None or v.interpolation not in FILTERS:
-                raise DataError(f"--device-crop: {v} has geometric ops on PIL or a filter other "
-                                "than bilinear / bicubic; run without --device-crop")
-        return [(v.size, v.interpolation) for v in dataset.views]
+        if own and type(dataset).draw_params is MultiViewDataset.draw_params:
+            raise DataError(f"--device-crop: {name} builds its views in its own file and does "
+                            "not draw them without pixels (draw_params); run with --data-store "
+                            "and --device-aug")
+        spec = getattr(dataset, "crop_views", None)
+        if spec is not None:
+            spec = [(size, resample, None) for size, resample in spec]
+        elif dataset.views and all(isinstance(v, View) for v in dataset.views):
+            spec = [(v.size, v.interpolation, v.geometric) for v in dataset.views]
+        else:
+            raise DataError(f"--device-crop: {name} has no common.data.View list and no "
+                            "`crop_views`; run with --data-store and --device-aug")
+        for size, resample, g in spec:
+            if resample not in FILTERS or not (g is None or hasattr(g, "apply_batch")):
+                raise DataError(f"--device-crop: {name}'s view ({size} px, {resample}, {g}) has "
+                                "geometric ops on PIL only or a filter other than bilinear / "
+                                "bicubic; run without --device-crop")
+        return spec
 
     def views(self, batch):
-        """--device-crop: each view's crop, resize and flip of the batch's tiles, on the device
-        (uint8 (N, 3, S, S), float64: Pillow's pixels)."""
-        tiles = batch["tile"].to(self.device, non_blocking=True)
-        return [resize_crop(tiles, b, size, resample, f)
-                for (size, resample), b, f in zip(self.crop, batch["boxes"], batch["flips"])]
+        """--device-crop: each view's crop, resize and flip of the batch's tiles, then its
+        geometric ops, on the device (uint8 (N, 3, S, S), float64: Pillow's pixels). The tiles
+        stay in batch["tile"], on the device, for a method's extras (ConCL's reference view)."""
+        batch["tile"] = tiles = batch["tile"].to(self.device, non_blocking=True)
+        out = []
+        for k, (size, resample, g) in enumerate(self.crop):
+            v = resize_crop(tiles, batch["boxes"][k], size, resample, batch["flips"][k])
+            out.append(v if g is None else g.apply_batch(v, batch["geo"][k]))
+        return out
 
     def __call__(self, batch):
         """-> the batch's views, uint8 on the device, photometric ops applied."""

@@ -500,6 +500,10 @@ class View:
     is drawn before the photometric ops; they are pointwise or symmetric, so the distribution
     equals the usual crop-colour-blur-flip order. `draw` also returns the photometric parameters
     and can leave the ops to the device (--device-aug, common.augment).
+
+    `geometric` is a callable on PIL or, to run on the device as well (--device-crop), an object
+    with `sample()` -> (G,) float64 parameters drawn from torch's RNG, `apply_pil(img, params)`
+    and `apply_batch(x, params)` ((N, C, S, S) uint8 on the device, (N, G)): the same pixels.
     """
 
     def __init__(self, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, photometric=None,
@@ -519,8 +523,11 @@ class View:
         flip = bool(torch.rand(1) < self.flip_p)
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.geometric is not None:
-            out = self.geometric(out)
+        g = self.geometric
+        if hasattr(g, "sample"):  # parameters drawn first, so draw_params draws the same
+            out = g.apply_pil(out, g.sample())
+        elif g is not None:
+            out = g(out)
         params, ph = None, self.photometric
         if hasattr(ph, "sample"):  # a common.augment.Photometric description
             params = ph.sample()
@@ -533,15 +540,18 @@ class View:
     def draw_params(self, size):
         """draw()'s random numbers without its pixels (--device-crop: common.crop does the crop
         on the device) for an image of size (H, W): -> (box, flipped, photometric parameters or
-        None). The same calls in the same order as draw(), so the same numbers."""
-        if self.geometric is not None:
+        None, geometric parameters or None). The same calls in the same order as draw(), so the
+        same numbers."""
+        g = self.geometric
+        if g is not None and not hasattr(g, "sample"):
             raise DataError(f"--device-crop: this view has further geometric ops "
-                            f"({self.geometric}) that run on PIL; run without --device-crop")
+                            f"({g}) that run on PIL only; run without --device-crop")
         top, left, h, w = crop_box(*size, self.scale, self.ratio)
         flip = bool(torch.rand(1) < self.flip_p)
+        geo = g.sample() if g is not None else None
         params = self.photometric.sample() if hasattr(self.photometric, "sample") else None
         box = torch.from_numpy(np.array((left, top, left + w, top + h), dtype=np.float32))
-        return box, flip, params
+        return box, flip, params, geo
 
     def __repr__(self):
         return (f"View(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
@@ -580,7 +590,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self.device_crop:  # the tile as stored and the views' numbers; pixels on the device
             tile = self.base.tile(i)
-            sample = self.draw_params(tile.shape[:2], i)
+            sample = self.draw_params(tile, i)
             sample.update(tile=torch.from_numpy(np.array(tile)), label=self.base.targets[i],
                           index=i, skipped=0)
             return sample
@@ -607,15 +617,17 @@ class MultiViewDataset(torch.utils.data.Dataset):
                                for o in out]
         return sample
 
-    def draw_params(self, size, i):
-        """--device-crop: augment()'s random numbers for an image of `size` (H, W), drawn
-        exactly as augment() draws them, without pixels: {"boxes", "flips", "photo"}."""
+    def draw_params(self, tile, i):
+        """--device-crop: augment()'s random numbers for the stored tile (H, W, 3) (a read-only
+        view of the store: its shape is all this needs), drawn exactly as augment() draws them,
+        without pixels: {"boxes", "flips", "photo", "geo"}. A method whose augment() builds
+        more per sample (a reference box, masks) extends this in its own file too."""
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
-            out = [v.draw_params(size) for v in self.views]
+            out = [v.draw_params(tile.shape[:2]) for v in self.views]
+        empty = lambda p: p if p is not None else torch.zeros(0, dtype=torch.float64)
         return {"boxes": [o[0] for o in out], "flips": [o[1] for o in out],
-                "photo": [o[2] if o[2] is not None else torch.zeros(0, dtype=torch.float64)
-                          for o in out]}
+                "photo": [empty(o[2]) for o in out], "geo": [empty(o[3]) for o in out]}
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

@@ -179,12 +179,11 @@ def test_device_crop_draws_the_files_numbers_and_gives_their_pixels(tiny_store):
 
 
 def test_device_crop_refuses_views_it_cannot_crop(tiny_store):
-    import simclr
     st = cdata.StoreTiles(tiny_store[1])
     st.device_crop = True
-    histo = cdata.MultiViewDataset(st, [simclr.augmentation("histo", 32)] * 2)
-    with pytest.raises(cdata.DataError, match="geometric ops on PIL"):
-        A.DeviceAugment(histo, torch.device("cpu"))
+    pil_only = cdata.View(32, (0.2, 1.0), geometric=lambda img: img.rotate(90))
+    with pytest.raises(cdata.DataError, match="geometric ops on PIL only"):
+        A.DeviceAugment(cdata.MultiViewDataset(st, [pil_only] * 2), torch.device("cpu"))
     sub = type("Mine", (cdata.MultiViewDataset,), {"augment": lambda self, img, i: {}})
     with pytest.raises(cdata.DataError, match="Mine builds its views in its own file"):
         A.DeviceAugment(sub(st, [moco.augmentation("v2", 32)] * 2), torch.device("cpu"))
