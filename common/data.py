@@ -140,11 +140,12 @@ def _node_header_errors(paths):
             errors = list(tqdm(pool.map(_header_error, paths, chunksize=64), total=len(paths),
                                desc="checking image headers", disable=len(paths) < 5000,
                                leave=False, file=sys.stdout))
-    if cdist.is_dist():
+    if cdist.is_dist():  # the node's local rank 0, found by host name (whatever the numbering)
+        import socket
         found = [None] * cdist.get_world_size()
-        torch.distributed.all_gather_object(
-            found, {i: e for i, e in enumerate(errors) if e is not None} if local == 0 else None)
-        node = found[cdist.get_rank() - local]  # torchrun numbers a node's ranks contiguously
+        mine = {i: e for i, e in enumerate(errors) if e is not None} if local == 0 else None
+        torch.distributed.all_gather_object(found, (socket.gethostname(), local, mine))
+        node = next(f[2] for f in found if f[:2] == (socket.gethostname(), 0))
         errors = [node.get(i) for i in range(len(paths))]
     return errors
 
