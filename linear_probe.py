@@ -11,6 +11,8 @@ InstDisc / DINO (k=20, T=0.07, cosine) on the same features, which needs no trai
     python linear_probe.py --data nct --data-root /data/NCT-CRC-HE-100K \\
         --test-root /data/CRC-VAL-HE-7K --pretrained runs/moco/backbone.pth \\
         --label-fraction 5 10 20 50 100 --output-dir runs/probe-moco
+    python linear_probe.py --data-store nct100k.store --test-store crc7k.store \\
+        --pretrained runs/moco/backbone.pth --output-dir runs/probe-moco   # tiles from stores
     python linear_probe.py --data demo --img-size 64 --pretrained random --output-dir runs/probe
 
 Features are computed once (eval mode, no augmentation, centre crop) and cached in
@@ -39,6 +41,7 @@ Deviations from Ciga et al. (the first two by default, the third on request):
 - `--val-fraction 0` trains on all training tiles and reports the last epoch (this script's
   protocol before the validation split existed): more training tiles, nothing selected.
 """
+import argparse
 import copy
 import hashlib
 import json
@@ -130,24 +133,61 @@ def image_tree(args, root, flag):
     if args.data == "nct":
         return cdata.nct_dataset(root, args.train_list if flag == "--data-root" else None,
                                  args.skip_bad)
-    ds = cdata.folder_dataset(root, args.skip_bad)
+    return labelled(cdata.folder_dataset(root, args.skip_bad), flag, root)
+
+
+def labelled(ds, flag, where):
     if not ds.classes or -1 in ds.targets:
-        raise DataError(f"{flag} {root}: every image must sit in a class sub-folder "
+        raise DataError(f"{flag} {where}: every image must sit in a class sub-folder "
                         f"({ds.targets.count(-1)} directly under the root)")
     return ds
 
 
+def test_store(args):
+    """--test-store: the test tiles from a tile store; it must hold the kind of tiles the
+    training set has (--data), and agree with --test-root if that is given."""
+    ds = cdata.StoreTiles(args.test_store)
+    index, flag = ds.index, f"--test-store {args.test_store}"
+    if args.test_root and Path(args.test_root).resolve() != Path(index["root"]).resolve():
+        raise DataError(f"--test-root {args.test_root} differs from the folder {flag} was "
+                        f"packed from ({index['root']}); drop --test-root or pack another store")
+    if index["data"] != args.data:
+        raise DataError(f"{flag} holds --data {index['data']} tiles, the training tiles are "
+                        f"--data {args.data}; pack the test tiles with --data {args.data}")
+    return labelled(ds, flag, f"(packed from {index['root']})")
+
+
 def datasets(args):
-    """-> train set, test set or None (then split off --test-fraction), class names."""
-    if args.data == "demo":  # different seeds: test tiles never repeat training tiles
+    """-> train set, test set or None (then split off --test-fraction), class names. The
+    training tiles come from --data-store or the files (--data, --data-root), the test tiles
+    from --test-store or --test-root: a store gives the files' pixels, so the same features."""
+    if getattr(args, "device_crop", False):
+        raise DataError("--device-crop: the probe draws no views to crop (it centre-crops every "
+                        "tile once); drop --device-crop")
+    if getattr(args, "data_store", None):  # --data, --data-root, --train-list: the store's
+        train = cdata.store_dataset(args)
+        labelled(train, f"--data-store {args.data_store}", f"(packed from {args.data_root})")
+    elif args.data == "demo":  # different seeds: test tiles never repeat training tiles
         from common.demo import DemoTiles
+        if getattr(args, "test_store", None):
+            raise DataError("--test-store: --data demo generates its test tiles; drop it")
         train = DemoTiles(args.demo_size, seed=0, size=args.img_size)
         return train, DemoTiles(args.demo_test_size, seed=1, size=args.img_size), train.classes
-    train = image_tree(args, args.data_root, "--data-root")
-    test = image_tree(args, args.test_root, "--test-root") if args.test_root else None
+    else:
+        train = image_tree(args, args.data_root, "--data-root")
+    if getattr(args, "test_store", None):
+        test, flag = test_store(args), "--test-store"
+    else:
+        test, flag = image_tree(args, args.test_root, "--test-root") if args.test_root else None, \
+            "--test-root"
     if test is not None and test.classes != train.classes:
-        raise DataError(f"--test-root classes {test.classes} differ from --data-root classes "
+        raise DataError(f"{flag} classes {test.classes} differ from the training classes "
                         f"{train.classes}")
+    if test is not None:  # the same file in both sets would test on training tiles
+        both = set(map(os.path.abspath, train.paths)) & set(map(os.path.abspath, test.paths))
+        if both:
+            raise DataError(f"{flag}: {len(both)} test tiles are training tiles too (e.g. "
+                            f"{sorted(both)[0]}); test on other tiles")
     return train, test, train.classes
 
 
@@ -190,6 +230,16 @@ def get_args(argv=None):
     p.set_defaults(demo_size=600)
     p.add_argument("--test-root", help="test tree (CRC-VAL-HE-7K for nct); default: a seeded "
                    "stratified --test-fraction of --data-root is held out")
+    p.add_argument("--test-store", metavar="STORE",
+                   help="the test tiles from a tile store packed by `python -m common.store` "
+                        "from the test tree (as --data-store for the training tiles); the same "
+                        "pixels, so the same features and metrics as --test-root")
+    acts = p._option_string_actions  # the probe's own words for the shared data flags
+    acts["--data-store"].help = ("the training tiles from a tile store packed by `python -m "
+                                 "common.store` (--data, --data-root and --train-list are read "
+                                 "from it): the same pixels, so the same features and metrics "
+                                 "as the files, without decoding them")
+    acts["--device-crop"].help = argparse.SUPPRESS  # pre-training only: the probe has no views
     p.add_argument("--test-fraction", type=cli.positive_float, default=0.2,
                    help="without --test-root, in (0, 1); Ciga et al. hold out 0.25 of the tiles "
                         "for testing and another 0.25 of all (--val-fraction 0.333 of the rest) "
@@ -246,8 +296,8 @@ def get_args(argv=None):
     return args
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     out = Path(args.output_dir)
     ctrain.claim_output_dir(out, "linear_probe")  # another script's run folder is refused
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -336,3 +336,47 @@ def test_tile_loader_caps_workers_at_the_available_cores(monkeypatch):
             loader = tile_loader(ds, 32, 2, 8)
         assert loader.num_workers == cores
     assert tile_loader(ds, 32, 2, 0).num_workers == 0  # fewer than the cores: as asked
+
+
+# ----------------------------------------------------------------------------- tile stores
+def test_stores_give_the_files_features_and_metrics(tmp_path):
+    """--data-store / --test-store (tiles packed by common.store) against --data-root /
+    --test-root: the same cached features bit for bit and the same metrics; a mismatched
+    store is one line naming it."""
+    import linear_probe
+    from test_store import pack, write_tree
+    train_src = write_tree(tmp_path / "train", n=24)                # 4 per class, 64 px
+    test_src = write_tree(tmp_path / "test", n=12, size=48)         # other tiles: 48 px
+    train_st, test_st = pack(train_src, tmp_path / "train.store"), pack(test_src, tmp_path / "t.st")
+    flags = ["--img-size", "32", "--workers", "0", "--runs", "1", "--probe-epochs", "5",
+             "--label-fraction", "50", "100"]
+    linear_probe.main(["--data", "folder", "--data-root", str(train_src), "--test-root",
+                       str(test_src), *flags, "--output-dir", str(tmp_path / "files")])
+    linear_probe.main(["--data-store", str(train_st), "--test-store", str(test_st), *flags,
+                       "--output-dir", str(tmp_path / "stores")])
+    a, b = (torch.load(tmp_path / d / "features.pt", weights_only=True) for d in ("files", "stores"))
+    for split, n in (("train", 24), ("test", 12)):
+        assert a[split][0].shape[0] == n and a[split][0].abs().sum() > 0
+        assert torch.equal(a[split][0], b[split][0]) and torch.equal(a[split][1], b[split][1])
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("files", "stores"))
+    assert ma["runs"] == mb["runs"] and ma["classes"] == mb["classes"] and ma["num_test"] == 12
+    assert mb["data"] == "folder"  # read from the store
+
+    def refused(*argv):
+        with pytest.raises(DataError) as e:
+            datasets(get_args([*argv, "--output-dir", str(tmp_path / "x")]))
+        return str(e.value)
+
+    msg = refused("--data-store", str(train_st), "--test-store", str(train_st))
+    assert "--test-store: 24 test tiles are training tiles too" in msg
+    msg = refused("--data-store", str(train_st), "--test-store", str(test_st), "--test-root",
+                  str(train_src))
+    assert msg.startswith(f"--test-root {train_src} differs from the folder --test-store")
+    two = tmp_path / "two"                                          # other classes
+    for c in ("x", "y"):
+        (two / c).mkdir(parents=True)
+        Image.new("RGB", (48, 48), "white").save(two / c / "a.png")
+    msg = refused("--data-store", str(train_st), "--test-store", str(pack(two, tmp_path / "2.st")))
+    assert msg.startswith("--test-store classes ['x', 'y'] differ from the training classes")
+    assert refused("--data", "demo", "--test-store", str(test_st)).startswith("--test-store: --data demo")
+    assert "drop --device-crop" in refused("--data-store", str(train_st), "--device-crop")
