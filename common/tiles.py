@@ -13,9 +13,15 @@ folder tree is kept under OUT (so class folders stay class folders for the probe
 named `<stem>_<y>_<x>.png` after its top-left corner. `--min-tissue F` drops tiles where less
 than the fraction F of pixels is tissue (not near-white glass: grey level under 220).
 Tiles are RGB PNGs (16-bit, grey and alpha converted as the loaders do); label maps keep their
-ids as 16-bit PNG. Rerunning rewrites the same files.
+ids as 16-bit PNG.
+
+OUT must be empty or new: the command records its options in OUT/tiles.json, and a rerun into
+a folder holding that record clears the earlier cut first (one line says so when its options
+differ), so no tile of an earlier cut is left behind; a non-empty folder without the record is
+refused.
 """
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -123,11 +129,40 @@ def cut_instances(src, out, size, stride=None, splits=("train",)):
     return counts
 
 
+RECORD = "tiles.json"  # OUT/tiles.json: this command's options; the folder is its output
+
+
+def prepare_out(out, options):
+    """Make OUT ready for a cut with `options`: new or empty, or holding an earlier cut of this
+    command (its record), which is cleared first. DataError for a folder of other files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT {out} is a file, not a folder")
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if entries:
+        try:
+            old = json.loads((out / RECORD).read_text())["options"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"OUT {out} is not empty and holds no {RECORD} of an earlier "
+                            "`python -m common.tiles` cut; choose a new or empty folder") from None
+        n = sum(1 for f in out.rglob("*") if f.is_file() and f.name != RECORD)
+        if old != options:
+            changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in options.items()
+                                if old.get(k) != v)
+            print(f"{out} held an earlier cut with other options ({changed}): its {n} files "
+                  "removed")
+        for e in entries:
+            shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECORD).write_text(json.dumps({"command": "python -m common.tiles",
+                                          "options": options}, indent=1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", nargs="+", help="source folder(s), searched recursively")
-    p.add_argument("out", help="output folder (created)")
+    p.add_argument("out", help="output folder: new or empty, or an earlier cut's (cleared)")
     p.add_argument("--size", type=int, default=224, help="tile side in pixels")
     p.add_argument("--stride", type=int, help="grid step (default: --size, no overlap)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="STEM",
@@ -144,9 +179,18 @@ def main(argv=None):
             raise DataError(f"--size {a.size} / --stride {a.stride}: need positive pixels")
         if not 0 <= a.min_tissue <= 1:
             raise DataError(f"--min-tissue {a.min_tissue}: need a fraction in [0, 1]")
+        if a.instances and len(a.src) != 1:
+            raise DataError("--instances takes one SRC folder")
+        for src in a.src:
+            if not Path(src).is_dir():
+                raise DataError(f"source {src} is not a folder")
+            if Path(src).resolve().is_relative_to(Path(a.out).resolve()):
+                raise DataError(f"OUT {a.out} holds the source {src}: choose another folder")
+        prepare_out(a.out, {"src": [str(Path(s).resolve()) for s in a.src], "size": a.size,
+                            "stride": a.stride or a.size, "exclude": sorted(a.exclude),
+                            "min_tissue": a.min_tissue, "instances": a.instances,
+                            "splits": sorted(a.splits) if a.instances else None})
         if a.instances:
-            if len(a.src) != 1:
-                raise DataError("--instances takes one SRC folder")
             counts = cut_instances(a.src[0], a.out, a.size, a.stride, a.splits)
             print(f"{a.out}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
         else:

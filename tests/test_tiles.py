@@ -102,3 +102,35 @@ def test_real_glas_image_cut_at_224(tmp_path, shared_samples):
     whole = np.array(Image.open(image).convert("RGB"))
     assert np.array_equal(np.array(Image.open(tmp_path / "out" / "train_1_298_551.png")),
                           whole[298:, 551:])
+
+
+def test_a_rerun_with_other_options_leaves_no_old_tile(tmp_path, capsys):
+    """OUT holds one cut: a rerun with another --size clears the earlier tiles (one line says
+    so); a rerun with the same options rewrites them; other folders are refused untouched."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "TUM").mkdir(parents=True)
+    a = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    Image.fromarray(a).save(src / "TUM" / "big.png")
+
+    def tiles():
+        return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+
+    tiles_main([str(src), str(out), "--size", "4"])
+    assert tiles() == [f"TUM/big_{y}_{x}.png" for y in (0, 4) for x in (0, 4)]
+    capsys.readouterr()
+    tiles_main([str(src), str(out), "--size", "8"])
+    assert tiles() == ["TUM/big_0_0.png"]  # the 4 px tiles are gone
+    assert "held an earlier cut with other options (size 4 -> 8, stride 4 -> 8): its 4 files " \
+           "removed" in capsys.readouterr().out
+    tiles_main([str(src), str(out), "--size", "8"])
+    assert tiles() == ["TUM/big_0_0.png"] and "removed" not in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        tiles_main([str(src), str(other), "--size", "8"])
+    assert str(e.value).startswith(f"error: OUT {other} is not empty and holds no tiles.json")
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+    with pytest.raises(SystemExit) as e:
+        tiles_main([str(src), str(tmp_path), "--size", "8"])
+    assert str(e.value) == f"error: OUT {tmp_path} holds the source {src}: choose another folder"
