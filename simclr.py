@@ -19,7 +19,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 from PIL import Image
 
 from common import cli
@@ -31,24 +30,47 @@ from common.models import resnet
 
 
 # ----------------------------------------------------------------------------- augmentations
-class RandomRot90:
-    """Rotation by 0, 90, 180 or 270 degrees, each with probability 1/4 (Ciga et al.)."""
+class RotateFlip:
+    """Ciga et al.'s rotation by 0, 90, 180 or 270 degrees (counter-clockwise, each with
+    probability 1/4), then a vertical flip with p 0.5: a common.data.View geometric op, run on
+    the PIL view or on the device (--device-crop). sample() draws what RandomRot90 and
+    T.RandomVerticalFlip(0.5) drew, in their order: (k, flipped) float64."""
 
-    def __call__(self, img):
+    def sample(self):
         k = int(torch.randint(4, ()))
-        return img.transpose((Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270)[k - 1]) if k else img
+        return torch.tensor([k, float(torch.rand(1) < 0.5)], dtype=torch.float64)
+
+    def apply_pil(self, img, params):
+        k, flip = int(params[0]), bool(params[1])
+        if k:
+            img = img.transpose((Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270)[k - 1])
+        return img.transpose(Image.FLIP_TOP_BOTTOM) if flip else img
+
+    def apply_batch(self, x, params):
+        """x (N, C, S, S) uint8 on the device, params (N, 2) as sample()'s -> apply_pil's pixels
+        per sample (PIL's ROTATE_90 is torch.rot90 over (H, W)). The parameters reach the device
+        in one copy, pinned and non-blocking on CUDA; nothing waits for the device."""
+        p = params.pin_memory() if x.is_cuda else params
+        p = p.to(x.device, non_blocking=True).view(-1, 2, 1, 1, 1)
+        out = x
+        for k in (1, 2, 3):
+            out = torch.where(p[:, 0] == k, torch.rot90(x, k, (2, 3)), out)
+        return torch.where(p[:, 1] > 0, out.flip(2), out)
+
+    def __repr__(self):
+        return "RotateFlip()"
 
 
 def augmentation(kind, size, blur_kernel=None):
     """docs/methods.md 1.1 (`simclr`, the NCT config) or Ciga et al.'s `histo`: crops down to 1% of
     the area, 90-degree rotations, both flips, medium jitter, blur; no grey. SimCLR needs no
-    crop boxes, so the rotation and vertical flip run after the view's geometry (in the loader,
-    before the photometric ops, which run there or with --device-aug on the device)."""
+    crop boxes, so the rotation and vertical flip (RotateFlip) run after the view's crop and
+    flip, before the photometric ops: in the loader, or with --device-crop on the device."""
     ops = dict(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, blur_p=0.5, blur_sigma=(0.1, 2.0),
                blur_kernel=blur_kernel)
     if kind == "histo":  # the paper gives no jitter probability: SimCLR's 0.8
         return cdata.View(size, scale=(0.01, 1.0), photometric=Photometric(**ops),
-                          geometric=T.Compose([RandomRot90(), T.RandomVerticalFlip(0.5)]))
+                          geometric=RotateFlip())
     return cdata.View(size, scale=(0.08, 1.0), photometric=Photometric(**ops, grey_p=0.2))
 
 

@@ -3,15 +3,23 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import default_collate
 
 import simclr
+from common import augment as A
+from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
+from common.demo import DemoTiles
 from tests.conftest import free_port, run_script
+from tests.test_store import tiny_store  # noqa: F401 - the 16 tiles and their store
 
 
 def test_nt_xent_by_hand():
@@ -85,18 +93,113 @@ def test_lars_excludes_bn_and_bias():
     assert plain["weight_decay"] == 0 and not plain["lars"]
 
 
-TINY = ["--data", "demo", "--demo-size", "24", "--batch-size", "8", "--img-size", "64",
-        "--workers", "1", "--epochs", "2", "--warmup-epochs", "1"]
+# ----------------------------------------------------------------------------- --aug histo
+class OldRandomRot90:
+    """simclr.py's rotation before issue 25 (with T.RandomVerticalFlip(0.5) after it, on PIL):
+    the reference RotateFlip must reproduce."""
+
+    def __call__(self, img):
+        k = int(torch.randint(4, ()))
+        turns = (Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270)
+        return img.transpose(turns[k - 1]) if k else img
 
 
-def test_runs_single_two_processes_resume_and_histo(tmp_path):
-    run_script("simclr.py", *TINY, "--aug", "histo", "--output-dir", tmp_path / "one")
+def test_rotate_flip_on_the_device_equals_pil_in_all_eight_cases():
+    """One batch holding the 8 (k, vflip) cases of an image whose pixels are all distinct (red =
+    column, green = row): apply_batch equals apply_pil per sample, and the geometry is PIL's:
+    ROTATE_90 turns counter-clockwise (the top-right corner goes to the top left)."""
+    g = simclr.RotateFlip()
+    r, c = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    img = torch.stack([c * 8, r * 8, (3 * r + 5 * c) % 256]).to(torch.uint8)   # (3, 32, 32)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    params = torch.tensor([[k, f] for k in range(4) for f in (0, 1)], dtype=torch.float64)
+    batch = img.expand(8, -1, -1, -1).contiguous()
+    got = g.apply_batch(batch, params)
+    assert got.dtype == torch.uint8 and torch.equal(batch, img.expand(8, -1, -1, -1))
+    for n, p in enumerate(params):
+        want = torch.from_numpy(np.array(g.apply_pil(pil, p))).permute(2, 0, 1)
+        assert torch.equal(got[n], want), p.tolist()
+    assert len({bytes(v.numpy()) for v in got}) == 8
+    assert torch.equal(got[0], img) and torch.equal(got[1], img.flip(1))   # k 0: as is, vflip
+    assert torch.equal(got[2][:, 0, 0], img[:, 0, 31])       # k 1: top right -> top left
+    assert torch.equal(got[3][:, 31, 0], img[:, 0, 31])      # and flipped: bottom left
+    assert torch.equal(got[4], img.flip(1, 2))               # k 2: half a turn
+
+
+def test_histo_views_are_todays_pil_pipeline_seed_for_seed():
+    """RotateFlip draws what RandomRot90 and T.RandomVerticalFlip(0.5) drew, in their order
+    (all 8 cases come up), and the histo views on the default path (PIL, photometric ops in
+    the loader) equal those of the T.Compose pipeline it replaced, bit for bit."""
+    g, seen = simclr.RotateFlip(), set()
+    for seed in range(64):
+        torch.manual_seed(seed)
+        p, after = g.sample(), torch.rand(1)
+        torch.manual_seed(seed)
+        k, f = int(torch.randint(4, ())), bool(torch.rand(1) < 0.5)
+        assert p.dtype == torch.float64 and p.tolist() == [k, f]
+        assert torch.equal(torch.rand(1), after)  # the same number of draws
+        seen.add((k, f))
+    assert len(seen) == 8
+    view = simclr.augmentation("histo", 32, blur_kernel=3)
+    old = cdata.View(32, view.scale, photometric=view.photometric,
+                     geometric=T.Compose([OldRandomRot90(), T.RandomVerticalFlip(0.5)]))
+    base = DemoTiles(n=8, seed=1, size=48)
+    new_ds, old_ds = (cdata.MultiViewDataset(base, [v, v], seed=5) for v in (view, old))
+    for ds in (new_ds, old_ds):
+        ds.set_epoch(3)
+    for i in range(8):
+        a, b = new_ds[i], old_ds[i]
+        assert all(torch.equal(x, y) for k in ("views", "boxes") for x, y in zip(a[k], b[k]))
+        assert a["flips"] == b["flips"]
+
+
+def test_histo_with_device_crop_from_a_store_equals_the_files(tiny_store):
+    """Issue 25: --aug histo from the store with --device-crop (crop, flip, rotation and
+    vertical flip on the device) against the files with --device-aug (all of it on PIL in the
+    loader): the same numbers and, once the device ran its ops, the same images bit for bit."""
+    src, packed = tiny_store
+    st = cdata.StoreTiles(packed)
+    st.device_crop = True  # as --device-crop sets it
+    view = simclr.augmentation("histo", 32, blur_kernel=3)
+    files, tiles = (cdata.MultiViewDataset(b, [view, view], seed=2)
+                    for b in (cdata.folder_dataset(src), st))
+    for ds in (files, tiles):
+        ds.set_epoch(1)
+    ref, dev = (A.DeviceAugment(ds, torch.device("cpu")) for ds in (files, tiles))
+    cases = set()
+    for b, batch in enumerate(torch.utils.data.DataLoader(tiles, batch_size=8)):
+        fb = default_collate([files[i] for i in range(8 * b, 8 * b + 8)])
+        for k in ("boxes", "flips", "photo"):
+            assert all(torch.equal(x, y) for x, y in zip(batch[k], fb[k])), k
+        assert all(torch.equal(x, y) for x, y in zip(dev(batch), ref(fb)))
+        cases |= {tuple(p) for p in batch["geo"][0].tolist()}
+    assert len(cases) >= 4  # rotations and flips of both kinds in play
+
+
+# ----------------------------------------------------------------------------- runs
+SIZES = ["--batch-size", "8", "--img-size", "32", "--workers", "1", "--epochs", "2",
+         "--warmup-epochs", "1"]
+TINY = ["--data", "demo", "--demo-size", "16", *SIZES]
+
+
+def test_runs_single_two_processes_resume_and_histo(tmp_path, tiny_store):
+    """histo on test_store's 16 tiles, from the files with --device-aug and from their store
+    with --device-crop: the same model bit for bit. Two processes, killed mid-epoch and
+    resumed: the uninterrupted run's backbone."""
+    src, packed = tiny_store
+    histo = ["simclr.py", *SIZES, "--aug", "histo"]
+    run_script(*histo, "--data", "folder", "--data-root", src, "--device-aug",
+               "--output-dir", tmp_path / "files")
+    run_script(*histo, "--data-store", packed, "--device-crop", "--output-dir", tmp_path / "one")
     rows = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["chance_loss"] == pytest.approx(math.log(15))
     assert rows[0]["lr"] < rows[1]["lr"]  # warm-up epoch, then the cosine's first epoch
-    two = ["simclr.py", *TINY, "--batch-size", "4"]
+    a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=False)["model"]
+            for d in ("files", "one"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    two = ["simclr.py", *TINY, "--batch-size", "4"]  # 2 steps an epoch
     run_script(*two, "--output-dir", tmp_path / "ref", nproc=2)
-    run_script(*two, "--output-dir", tmp_path / "cut", "--stop-after-steps", "4", nproc=2)
+    run_script(*two, "--output-dir", tmp_path / "cut", "--stop-after-steps", "3", nproc=2)
     run_script(*two, "--output-dir", tmp_path / "cut", nproc=2)
     a, b = (torch.load(tmp_path / d / "backbone.pth") for d in ("ref", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
