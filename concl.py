@@ -30,6 +30,7 @@ from common import data as cdata
 from common import dist as cdist
 from common import pictures
 from common import train as ctrain
+from common.crop import resize_crop
 from common.masks import FHCache, felzenszwalb, grid_labels, kmeans, one_hot
 from common.models import resnet_maps
 from moco import MoCo, augmentation, check_moco_args, info_nce, lr_at, moco_logits
@@ -139,9 +140,9 @@ class ConceptViews(cdata.MultiViewDataset):
     def __init__(self, base, views, seed, args):
         super().__init__(base, views, seed)
         self.args = args
-        if args.concept == "fh" and args.fh_input == "tile":
+        if args.concept == "fh" and args.fh_input == "tile":  # maps packed beside a store: read
             self.fh = FHCache(args.mask_cache or Path(args.output_dir) / "masks",
-                              args.fh_scale, args.fh_scale)
+                              args.fh_scale, args.fh_scale, store=getattr(args, "data_store", None))
 
     def name(self, i):
         """Tile stem (NCT names are unique), or the index for generated data."""
@@ -149,19 +150,30 @@ class ConceptViews(cdata.MultiViewDataset):
         return Path(paths[i]).stem if paths else f"{i:06d}"
 
     def augment(self, img, i):
-        s = super().augment(img, i)
+        return self.extras(super().augment(img, i), i, (img.height, img.width), lambda: img)
+
+    def draw_params(self, tile, i):  # --device-crop: the same numbers and labels, no x_r
+        return self.extras(super().draw_params(tile, i), i, tile.shape[:2],
+                           lambda: Image.fromarray(np.asarray(tile)))
+
+    def extras(self, s, i, hw, img):
+        """x_r's box, x_r (under --device-crop cropped on the device instead: reference_view)
+        and the fh/file concept labels over it; img: a callable giving the PIL tile."""
         a = self.args
         s["ref_box"] = box = union_box(s["boxes"])
-        s["ref"] = cdata.pil_to_uint8(img.resize((a.img_size, a.img_size), Image.BICUBIC,
-                                                 box=tuple(box.tolist())))
+        ref = lambda: cdata.pil_to_uint8(img().resize((a.img_size, a.img_size), Image.BICUBIC,
+                                                      box=tuple(s["ref_box"].tolist())))
+        if not self.device_crop:
+            s["ref"] = ref()
         if a.concept == "fh" and a.fh_input == "reference":
             # The paper (sections 3.2, 4.3): FH segments x_r itself, as the network sees it.
-            # A fresh x_r every step, so no cache: ~30 ms per 224 px tile in the loader workers.
-            full = felzenszwalb(s["ref"].permute(1, 2, 0).numpy(), a.fh_scale, a.fh_scale)
+            # A fresh x_r every step, so no cache: ~30 ms per 224 px tile in the loader workers
+            # (under --device-crop too: FH needs x_r's pixels here).
+            x_r = s["ref"] if "ref" in s else ref()
+            full = felzenszwalb(x_r.permute(1, 2, 0).numpy(), a.fh_scale, a.fh_scale)
             box = torch.tensor([0, 0, a.img_size, a.img_size])
         elif a.concept == "fh":
-            key = self.fh.key(self.base, i, a.data_root, self.seed)  # relative path: unique
-            full = self.fh(key, img)
+            full = self.fh(self.fh.key(self.base, i, a.data_root, self.seed), img)  # rel. path
         elif a.concept == "file":
             path = Path(a.concept_dir) / f"{self.name(i)}.png"
             try:
@@ -169,14 +181,23 @@ class ConceptViews(cdata.MultiViewDataset):
             except OSError as e:
                 raise cdata.DataError(f"--concept-dir: cannot read {path} ({e.strerror or e})") from None
             full = full[..., 0] if full.ndim == 3 else full
-            if full.shape != (img.height, img.width):
-                raise cdata.DataError(f"{path}: mask {full.shape[::-1]} != image {img.size}")
+            if full.shape != tuple(hw):
+                raise cdata.DataError(f"{path}: mask {full.shape[::-1]} != image {tuple(hw)[::-1]}")
             if a.concept_threshold is not None:  # grey saliency -> binary: 1 salient, 0 not
                 full = (full >= a.concept_threshold).astype(np.int32)
         else:
             return s
+        # in the loader under --device-crop too: a nearest crop to a small map (R = S/16), and
+        # the renumbering by area is a per-sample sort
         s["ref_labels"] = crop_labels(full, box, a.img_size // 16, a.max_concepts)
         return s
+
+
+def reference_view(batch, size):
+    """x_r: the loader's, or (--device-crop) cropped on the tiles' device, Pillow's pixels."""
+    if "ref" in batch:
+        return batch["ref"]
+    return resize_crop(batch["tile"], batch["ref_box"], size, Image.BICUBIC)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -291,7 +312,7 @@ def save_concepts(model, batch, args, path, cell=None):
     model.eval()  # running BN statistics: a few tiles need no BN groups
     dev = next(model.parameters()).device
     cell = cell or max(112, args.img_size)
-    ref = batch["ref"]
+    ref = reference_view(batch, args.img_size)
     labels = model.reference_labels(batch, cdata.to_device(ref, dev), dev).cpu()
     size = args.img_size // 32
     rows, captions = [], []
@@ -332,7 +353,8 @@ def train_one_epoch(model, optimizer, trainer, run, args):
     for step, batch in trainer.steps(trainer.epoch):
         lr = ctrain.set_lr(optimizer, lr_at(args, trainer.global_step(), trainer.steps_per_epoch))
         x_q, x_k = (run.images(v) for v in batch["views"])
-        ref = run.images(batch["ref"]) if concepts and args.concept == "kmeans" else None
+        feeds_ref = concepts and args.concept == "kmeans"  # b-ConCL only: x_r to the network
+        ref = run.images(reference_view(batch, args.img_size)) if feeds_ref else None
         geometry = concept_inputs(batch, run.device) if concepts else None
         with run.autocast():
             loss, parts = model(x_q, x_k, geometry, ref, concepts)
@@ -408,14 +430,17 @@ def main():
                                 weight_decay=args.weight_decay)
     trainer = ctrain.Trainer(run, model, optimizer, loader, sampler, model.encoder_q[0],
                              extra_log={"chance_loss": math.log(args.queue_size + 1)})
+
+    def shown(n):  # the sheets' tiles; --device-crop: views as training crops them (no colour ops)
+        b = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
+        return {**b, "views": trainer.device_aug.views(b)} if "tile" in b else b
     if args.show_concepts:
         if not trainer.ckpt_path.exists():
             raise cdata.DataError(f"--show-concepts: no checkpoint in {run.out}")
         if run.main:
-            shown = default_collate([dataset[i] for i in range(min(args.show_concepts, len(dataset)))])
-            print(save_concepts(model, shown, args, run.out / "concepts.png"))
+            print(save_concepts(model, shown(args.show_concepts), args, run.out / "concepts.png"))
         return
-    vis = default_collate([dataset[i] for i in range(min(8, len(dataset)))]) if run.main else None
+    vis = shown(8) if run.main else None
     run.print(f"ConCL ({args.concept}) {args.arch}: {len(dataset)} images, global batch "
               f"{run.global_batch} = {run.world} x {args.batch_size}, lr {args.scaled_lr:.4g}, "
               f"T {args.temperature}, K {args.queue_size}, lambda {args.concept_weight} after "

@@ -44,6 +44,7 @@ from common import data as cdata
 from common import dist as cdist
 from common import pictures
 from common import train as ctrain
+from common.crop import resize_crop
 from common.glands import read_label_map
 from common.masks import FHCache
 from common.models import resnet_maps
@@ -163,25 +164,35 @@ class MaskViews(cdata.MultiViewDataset):
         super().__init__(base, views, seed)
         self.args, self.grid = args, args.img_size // 32
         if args.masks == "fh":
-            self.fh = FHCache(args.mask_cache or Path(args.output_dir) / "masks",
-                              args.fh_scale, args.fh_min_size)
+            self.fh = FHCache(args.mask_cache or Path(args.output_dir) / "masks", args.fh_scale,
+                              args.fh_min_size, store=getattr(args, "data_store", None))
 
-    def full_labels(self, img, i):
-        """(H, W) ids over the whole tile and whether they had to be computed."""
-        a = self.args
+    def full_labels(self, img, i, hw):
+        """(H, W) ids over the whole tile of size hw and whether they had to be computed; img:
+        the PIL tile or a callable giving it (called only for an FH map neither packed beside
+        the store nor cached)."""
+        a, (h, w) = self.args, hw
         if a.masks == "fh":
             return self.fh.load(FHCache.key(self.base, i, a.data_root, self.seed), img)
         if a.masks == "grid":  # an n x n grid over the tile (the paper's spatial heuristic)
-            rows = np.arange(img.height) * a.grid_size // img.height
-            cols = np.arange(img.width) * a.grid_size // img.width
+            rows, cols = np.arange(h) * a.grid_size // h, np.arange(w) * a.grid_size // w
             return rows[:, None] * a.grid_size + cols[None, :], False
         rel = Path(FHCache.key(self.base, i, a.data_root, self.seed))
         paths = [Path(a.mask_dir) / rel.with_suffix(".png"), Path(a.mask_dir) / f"{rel.stem}.png"]
-        return read_mask_file(next((p for p in paths if p.exists()), paths[-1]), img.size), False
+        return read_mask_file(next((p for p in paths if p.exists()), paths[-1]), (w, h)), False
 
     def augment(self, img, i):
-        s = super().augment(img, i)
-        full, computed = self.full_labels(img, i)
+        return self.add_masks(super().augment(img, i), i, *self.full_labels(img, i, img.size[::-1]))
+
+    def draw_params(self, tile, i):
+        """--device-crop: augment()'s numbers, cells and draws, from the stored tile. The masks
+        need no pixels, so they stay here (nearest crops and a bincount on small maps; the
+        draws read the cells), and the views are cropped on the device."""
+        s = super().draw_params(tile, i)
+        return self.add_masks(s, i, *self.full_labels(lambda: Image.fromarray(np.asarray(tile)),
+                                                      i, tile.shape[:2]))
+
+    def add_masks(self, s, i, full, computed):
         s["cells"] = [cell_labels(view_mask(full, b, f, self.args.img_size), self.grid)
                       for b, f in zip(s["boxes"], s["flips"])]
         with torch.random.fork_rng(devices=[]):
@@ -248,8 +259,12 @@ def save_masks(dataset, indices, path):
     rows = []
     for i in indices:
         img = dataset.base.load(i)[0] if hasattr(dataset.base, "load") else dataset.base[i][0]
-        full = np.asarray(dataset.full_labels(img, i)[0], np.int64)
+        full = np.asarray(dataset.full_labels(img, i, img.size[::-1])[0], np.int64)
         s = dataset[i]
+        if "views" not in s:  # --device-crop: the views' crops here (as --device-aug's, no colour)
+            s["views"] = [resize_crop(s["tile"][None], s["boxes"][v][None], view.size,
+                                      view.interpolation, [s["flips"][v]])[0]
+                          for v, view in enumerate(dataset.views)]
         tile = pictures.enlarge(cdata.pil_to_uint8(img).permute(1, 2, 0).numpy(), cell)
         row = [(tile, f"tile {i}"), (pictures.paint(tile, full), f"{full.max() + 1} masks")]
         for v in range(2):
@@ -407,8 +422,10 @@ def main():
               f"{trainer.steps_per_epoch} steps/epoch, output {run.out}")
     if args.masks == "fh" and run.main:
         keys = [FHCache.key(dataset.base, i, args.data_root, args.seed) for i in range(len(dataset))]
-        cached = sum(dataset.fh.path(k).exists() for k in keys)
-        run.print(f"FH cache {dataset.fh.folder}: {cached} of {len(keys)} tiles cached"
+        cached = sum(dataset.fh.has(k) for k in keys)
+        where = (f"packed in --data-store {args.data_store}" if dataset.fh.packed is not None
+                 else f"cache {dataset.fh.folder}")
+        run.print(f"FH maps ({where}): {cached} of {len(keys)} tiles cached"
                   + ("" if cached == len(keys) else "; the rest are computed in the loader "
                      "(precompute: python -m common.masks ... --mask-cache DIR)"))
     if run.main and args.vis_tiles and trainer.epoch == 0 and trainer.step == 0:

@@ -8,8 +8,12 @@ import torch
 from PIL import Image
 
 import concl
+from common import augment as A
+from common import data as cdata
 from common.masks import grid_labels, kmeans
 from tests.conftest import run_script
+from tests.test_masks import fh_store  # noqa: F401 - 16 tiles, FH maps packed at 50 / 50
+from tests.test_store import tiny_store  # noqa: F401 - the same 16 tiles, nothing packed
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -209,17 +213,29 @@ def test_file_concepts_from_a_mask_folder(tmp_path):
     assert p.returncode == 2 and "t3.png" in p.stderr.strip().splitlines()[-1]
 
 
-def test_two_processes_and_resume_across_warmup(tmp_path):
-    two = ["concl.py", *TINY, "--batch-size", "4", "--epochs", "3"]
+LOGGED = ("loss", "loss_instance", "acc", "loss_concept", "acc_concept", "shared_concepts")
+
+
+def test_two_processes_and_resume_across_warmup_from_a_store_with_device_crop(tmp_path, tiny_store):
+    """b-ConCL on two processes: from the files with --device-aug, and from the store with
+    --device-crop (views and x_r cropped on the device) stopped in the warm-up epoch and resumed
+    through the switch: the same log numbers and backbone bit for bit; the concept sheets of the
+    store run are drawn from the device crops."""
+    src, store = tiny_store
+    two = ["concl.py", *TINY[4:], "--batch-size", "4", "--device-aug"]  # 2 epochs of 2 steps
     ref = tmp_path / "ref"
-    run_script(*two, "--output-dir", ref, nproc=2)
-    assert log(ref)[2]["shared_concepts"] > 0
+    run_script(*two, "--data", "folder", "--data-root", src, "--output-dir", ref, nproc=2)
+    assert log(ref)[1]["shared_concepts"] > 0
     cut = tmp_path / "cut"  # stop inside the warm-up epoch, resume through the switch
-    run_script(*two, "--output-dir", cut, "--stop-after-steps", "1", nproc=2)
-    run_script(*two, "--output-dir", cut, nproc=2)
+    two += ["--data-store", store, "--device-crop", "--vis-every", "2", "--output-dir", cut]
+    run_script(*two, "--stop-after-steps", "1", nproc=2)
+    run_script(*two, nproc=2)
     a = torch.load(ref / "backbone.pth")
     b = torch.load(cut / "backbone.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [[r.get(k) for k in LOGGED] for r in log(ref)] == [[r.get(k) for k in LOGGED]
+                                                              for r in log(cut)]
+    assert Image.open(cut / "concepts_epoch001.png").size == (4 * 112, 36 + 8 * (112 + 18))
 
 
 def test_show_concepts_on_a_trained_checkpoint(tmp_path):
@@ -363,3 +379,44 @@ def test_only_the_geometry_is_handed_to_the_model():
     assert sorted(got) == ["boxes", "flips", "ref_box"]  # no images: DDP would copy them
     batch["ref_labels"] = torch.zeros(2, 4, 4, dtype=torch.long)
     assert sorted(concl.concept_inputs(batch, torch.device("cpu"))) == ["boxes", "flips", "ref_box", "ref_labels"]
+
+
+# ----------------------------------------------------------------------------- --device-crop (issue 25)
+@pytest.mark.parametrize("concept", ["kmeans", "fh-tile", "fh-reference", "file"])
+def test_device_crop_gives_the_files_reference_view_and_concepts(concept, fh_store, tmp_path):
+    """From the store (--device-crop: the loader sends tiles and numbers) and from the files
+    (--device-aug): the same boxes, flips, photometric numbers, x_r box and concept labels; the
+    views and x_r cropped on the device equal the loader's Pillow crops; fh --fh-input tile
+    reads the maps packed beside the store (no per-tile cache written)."""
+    src, store = fh_store
+    flags = ["--img-size", "64", "--concept", concept.split("-")[0], "--fh-scale", "50"]
+    if concept.startswith("fh"):
+        flags += ["--fh-input", concept.split("-")[1]]
+    if concept == "file":
+        (tmp_path / "m").mkdir()
+        for i, p in enumerate(sorted(src.rglob("*.png"))):  # a different split per tile
+            m = np.zeros((64, 64), np.uint8)
+            m[:, 4 * i:] = 1
+            m[40:, :] = 2
+            Image.fromarray(m).save(tmp_path / "m" / p.name)
+        flags += ["--concept-dir", str(tmp_path / "m")]
+    got = []
+    for where in (["--data", "folder", "--data-root", str(src), "--device-aug"],
+                  ["--data-store", str(store), "--device-crop"]):
+        a = concl.get_args([*where, *flags, "--output-dir", str(tmp_path / where[0][2:])])
+        ds = concl.ConceptViews(cdata.build_dataset(a), [concl.augmentation("v2", 64)] * 2, 0, a)
+        aug = A.DeviceAugment(ds, torch.device("cpu"))
+        ds.set_epoch(2)
+        got.append((torch.utils.data.default_collate([ds[i] for i in range(8)]), aug))
+    (fb, _), (sb, aug) = got
+    assert "views" not in sb and "ref" not in sb and sb["tile"].shape == (8, 64, 64, 3)
+    for k in ("boxes", "flips", "photo"):
+        assert all(torch.equal(x, y) for x, y in zip(fb[k], sb[k])), k
+    assert all(torch.equal(x, y) for x, y in zip(fb["views"], aug.views(sb)))  # crops, no colour
+    assert torch.equal(concl.reference_view(sb, 64), fb["ref"])     # x_r on the tiles' device
+    assert torch.equal(fb["ref_box"], sb["ref_box"])
+    if concept != "kmeans":
+        assert torch.equal(fb["ref_labels"], sb["ref_labels"]) and fb["ref_labels"].max() > 0
+    if concept == "fh-tile":
+        assert not (tmp_path / "data-store" / "masks").exists()    # read from the pack
+        assert len(list((tmp_path / "data" / "masks").rglob("*.png"))) == 8   # files: computed

@@ -14,9 +14,12 @@ from PIL import Image
 import byol
 import detcon
 import simclr
+from common import augment as A
 from common import data as cdata
 from common import dist as cdist
 from tests.conftest import free_port, run_script
+from tests.test_masks import fh_store  # noqa: F401 - 16 tiles, FH maps packed at 50 / 50
+from tests.test_store import tiny_store  # noqa: F401 - the same 16 tiles, nothing packed
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -217,13 +220,14 @@ def log(out):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """DetCon_B with FH masks (one cache), one process, 2 epochs of 3 steps."""
+def reference(tmp_path_factory, tiny_store):
+    """DetCon_B with FH masks (one cache), one process, 2 epochs of 2 steps, from the files
+    with --device-aug; the flags that train from the store with --device-crop instead."""
     tmp = tmp_path_factory.mktemp("detcon")
-    cmd = ["detcon.py", *TINY, "--fh-scale", "100", "--fh-min-size", "50", "--mask-cache",
-           tmp / "cache"]
-    run_script(*cmd, "--output-dir", tmp / "ref")
-    return tmp, cmd
+    cmd = ["detcon.py", *TINY[4:], "--device-aug", "--fh-scale", "100", "--fh-min-size", "50",
+           "--mask-cache", tmp / "cache"]
+    run_script(*cmd, "--data", "folder", "--data-root", tiny_store[0], "--output-dir", tmp / "ref")
+    return tmp, cmd + ["--data-store", tiny_store[1], "--device-crop"]
 
 
 def test_b_fh_run_writes_contract_files_and_hits_the_cache(reference):
@@ -236,7 +240,7 @@ def test_b_fh_run_writes_contract_files_and_hits_the_cache(reference):
     assert all(np.isfinite(r["loss"]) and 0 < r["paired"] <= 1 for r in rows)
     # epoch 0 computed what masks.png had not; epoch 1 found every map in the cache
     assert rows[0]["masks_computed"] > 0 and rows[1]["masks_computed"] == 0
-    assert len(list((tmp / "cache").rglob("*.png"))) == 24
+    assert len(list((tmp / "cache").rglob("*.png"))) == 16
     w, h = Image.open(out / "masks.png").size  # 6 columns of 160 px, 8 rows, title and notes
     assert w == 8 + 6 * (160 + 8) and h > 8 * 160
     assert all(1 <= r["masks_per_view"] <= 4 for r in rows)  # masks owning a cell of the 2x2 grid
@@ -244,21 +248,27 @@ def test_b_fh_run_writes_contract_files_and_hits_the_cache(reference):
 
 
 def test_kill_and_resume_is_bit_identical_and_a_second_run_computes_no_mask(reference):
+    """From the store with --device-crop, killed mid-epoch and resumed: the files' run's log
+    numbers and weights bit for bit, with its cache (the same keys: paths under the root)."""
     tmp, cmd = reference
-    p = run_script(*cmd, "--output-dir", tmp / "cut", "--stop-after-steps", "4", "--vis-tiles", "0")
+    p = run_script(*cmd, "--output-dir", tmp / "cut", "--stop-after-steps", "3", "--vis-tiles", "0")
     assert "stopped by --stop-after-steps" in p.stdout
     assert log(tmp / "cut")[0]["masks_computed"] == 0  # the first run's cache: no FH call
     p = run_script(*cmd, "--output-dir", tmp / "cut", "--vis-tiles", "0")
     assert "resumed from" in p.stdout
     a, b = (torch.load(tmp / d / "checkpoint.pth", weights_only=False)["model"] for d in ("ref", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("loss", "acc", "paired", "masks_per_view", "m")
+    assert [[r[k] for k in keys] for r in log(tmp / "ref")] == [[r[k] for k in keys]
+                                                                for r in log(tmp / "cut")]
 
 
 @pytest.mark.parametrize("variant,masks,nproc", [("S", "grid", 2), ("B", "grid", 2), ("S", "fh", 1)])
-def test_tiny_runs(tmp_path, variant, masks, nproc):
+def test_tiny_runs(tmp_path, variant, masks, nproc, tiny_store):
+    crop = ["--data-store", tiny_store[1], "--device-crop"] if variant == "B" else []  # 2 procs
     run_script("detcon.py", *TINY, "--epochs", "1", "--batch-size", str(8 // nproc), "--variant",
                variant, "--masks", masks, "--grid-size", "2", "--fh-scale", "100", "--fh-min-size",
-               "50", "--vis-tiles", "0", "--output-dir", tmp_path, nproc=nproc)
+               "50", "--vis-tiles", "0", "--output-dir", tmp_path, *crop, nproc=nproc)
     row = log(tmp_path)[0]
     assert np.isfinite(row["loss"]) and row["paired"] > 0 and ("m" in row) == (variant == "B")
     args = json.loads((tmp_path / "args.json").read_text())
@@ -314,3 +324,35 @@ def test_rgb_mask_files_tell_colours_apart_by_all_three_channels(tmp_path):
     assert (detcon.read_mask_file(tmp_path / "g.png", (12, 8)) == 0).all()
     with pytest.raises(cdata.DataError, match=r"mask \(12, 8\) != image \(8, 8\)"):
         detcon.read_mask_file(tmp_path / "g.png", (8, 8))
+
+
+# ----------------------------------------------------------------------------- --device-crop (issue 25)
+@pytest.mark.parametrize("masks", ["fh", "grid"])
+def test_device_crop_gives_the_files_masks_draws_and_picture(masks, fh_store, tmp_path):
+    """From the store (--device-crop: FH maps read from its pack) and from the files
+    (--device-aug, FH computed into a cache): the same boxes, flips, photometric numbers, C5
+    cells and mask draws; the views cropped on the device equal the loader's Pillow crops, and
+    masks.png is the same picture."""
+    src, store = fh_store
+    flags = ["--img-size", "64", "--masks", masks, "--fh-scale", "50", "--fh-min-size", "50",
+             "--grid-size", "2"]
+    got = []
+    for where in (["--data", "folder", "--data-root", str(src), "--device-aug"],
+                  ["--data-store", str(store), "--device-crop"]):
+        a = detcon.get_args([*where, *flags, "--output-dir", str(tmp_path / where[0][2:])])
+        ds = detcon.MaskViews(cdata.build_dataset(a), byol.augmentations(64), 0, a)
+        aug = A.DeviceAugment(ds, torch.device("cpu"))
+        ds.set_epoch(1)
+        batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
+        got.append((batch, aug, detcon.save_masks(ds, range(2), tmp_path / f"{where[0][2:]}.png")))
+    (fb, _, fpng), (sb, aug, spng) = got
+    assert "views" not in sb and sb["tile"].shape == (8, 64, 64, 3)
+    for k in ("boxes", "flips", "photo", "cells", "ids"):
+        assert all(torch.equal(x, y) for x, y in zip(fb[k], sb[k])), k
+    assert torch.equal(fb["masks_per_view"], sb["masks_per_view"])
+    assert all(torch.equal(x, y) for x, y in zip(fb["views"], aug.views(sb)))  # crops, no colour
+    assert np.array_equal(np.asarray(Image.open(fpng)), np.asarray(Image.open(spng)))
+    assert max(len(c.unique()) for c in sb["cells"][0]) > 1       # more than one mask: a real test
+    if masks == "fh":  # the files' run computed its maps, the store's read them from its pack
+        assert fb["masks_computed"].all() and not sb["masks_computed"].any()
+        assert not (tmp_path / "data-store" / "masks").exists()
