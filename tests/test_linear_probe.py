@@ -1,6 +1,8 @@
 """linear_probe.py and common/knn.py: the kNN vote, the metrics and the linear probe against
 independent references, then the script end to end on demo tiles and a small folder tree."""
 import argparse
+import contextlib
+import io
 import json
 import math
 
@@ -16,6 +18,16 @@ from common.knn import accuracy, extract_features, knn_predict, macro_f1, tile_l
 from common.models import resnet
 from conftest import run_script
 from linear_probe import datasets, get_args, predict, stratified_subset, train_linear
+
+def probe(*argv):
+    """linear_probe.py run in this process, as `python linear_probe.py` runs its main (a
+    subprocess costs ~7 s of start-up here; the command line itself is run below) -> stdout."""
+    import linear_probe
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        linear_probe.main([str(a) for a in argv])
+    return argparse.Namespace(stdout=buf.getvalue())
+
 
 SMALL = ["--data", "demo", "--img-size", "64", "--demo-size", "60", "--demo-test-size", "30",
          "--workers", "0", "--probe-epochs", "30"]
@@ -152,9 +164,9 @@ def test_extract_features_leaves_the_backbone_alone():
 @pytest.fixture(scope="module")
 def demo_probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("lp") / "probe"
-    argv = ["linear_probe.py", *SMALL, "--pretrained", "random", "--label-fraction", "10", "100",
+    argv = [*SMALL, "--pretrained", "random", "--label-fraction", "10", "100",
             "--runs", "2", "--output-dir", out]
-    return out, argv, run_script(*argv)
+    return out, argv, probe(*argv)
 
 
 def test_demo_fractions_cache_and_metrics(demo_probe):
@@ -173,7 +185,7 @@ def test_demo_fractions_cache_and_metrics(demo_probe):
     assert json.loads((out / "args.json").read_text())["script"] == "linear_probe"
     assert "| 10% | 2 |" in first.stdout
     mtime = (out / "features.pt").stat().st_mtime_ns
-    second = run_script(*argv)
+    second = probe(*argv)
     assert "reusing cached features" in second.stdout
     assert (out / "features.pt").stat().st_mtime_ns == mtime
     assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]  # deterministic
@@ -181,7 +193,7 @@ def test_demo_fractions_cache_and_metrics(demo_probe):
     feats = torch.load(out / "features.pt", weights_only=True)
     feats["train"] = (torch.randn_like(feats["train"][0]), feats["train"][1])
     torch.save(feats, out / "features.pt")
-    third = run_script(*argv)
+    third = probe(*argv)
     assert "differ from a fresh extraction: recomputing" in third.stdout
     assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]
 
@@ -191,8 +203,8 @@ def test_torchvision_state_dict_loads_and_gives_its_features(tmp_path):
     tv = torchvision.models.resnet18(weights=None)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")  # with fc: the probe ignores it
     out = tmp_path / "probe"
-    run_script("linear_probe.py", *SMALL, "--pretrained", tmp_path / "tv.pth", "--runs", "1",
-               "--val-fraction", "0", "--output-dir", out)
+    probe(*SMALL, "--pretrained", tmp_path / "tv.pth", "--runs", "1", "--val-fraction", "0",
+          "--output-dir", out)
     m = json.loads((out / "metrics.json").read_text())
     assert m["load_report"].startswith("loaded") and 0 <= m["accuracy"] <= 100
     # --val-fraction 0: all 60 tiles train, the last of the 30 epochs is reported
@@ -229,9 +241,8 @@ def test_folder_tree_with_held_out_fraction(tmp_path):
             a = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(a).save(tmp_path / "tiles" / c / f"{i}.png")
     out = tmp_path / "probe"
-    run_script("linear_probe.py", "--data", "folder", "--data-root", tmp_path / "tiles",
-               "--img-size", "32", "--workers", "0", "--runs", "1", "--probe-epochs", "20",
-               "--output-dir", out)
+    probe("--data", "folder", "--data-root", tmp_path / "tiles", "--img-size", "32",
+          "--workers", "0", "--runs", "1", "--probe-epochs", "20", "--output-dir", out)
     m = json.loads((out / "metrics.json").read_text())
     # 10 per class: 0.2 -> 2 each tested, 0.25 of the 8 left -> 2 each validate, 6 each train
     assert m["classes"] == ["blue", "pink"]
@@ -259,7 +270,8 @@ BAD = [("--probe-epochs", "0"), ("--probe-epochs", "-3"), ("--batch-size", "0"),
 
 def test_every_nonsense_count_is_refused_naming_its_flag(capsys):
     """get_args is the script's own parser: each bad value exits 2 with one error line naming the
-    flag (checked in-process for speed; the subprocess below shows the command line does too)."""
+    flag (checked in-process for speed; test_garbage_checkpoint_is_one_line_exit_2 runs the
+    command line)."""
     for flag, value in BAD:
         with pytest.raises(SystemExit) as e:
             get_args([flag, value])
@@ -269,11 +281,10 @@ def test_every_nonsense_count_is_refused_naming_its_flag(capsys):
         assert f"error: argument {flag}" in err[-1] and value in err[-1], (flag, value, err[-1])
     for ok in (["--val-fraction", "0"], ["--batch-size", "2"], ["--label-fraction", "100"]):
         get_args(ok)
-    p = run_script("linear_probe.py", "--probe-epochs", "0", check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1] == ("linear_probe.py: error: argument "
-                                                "--probe-epochs: expected a whole number >= 1, "
-                                                "got '0'")
+    with pytest.raises(SystemExit):
+        get_args(["--probe-epochs", "0"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: argument --probe-epochs: expected a whole number >= 1, got '0'")
 
 
 def snapshot(folder):
@@ -287,11 +298,9 @@ def test_moco_run_folder_is_refused_and_untouched(tmp_path):
                "--workers", "0", "--output-dir", out)
     before = snapshot(out)
     assert {"args.json", "backbone.pth", "log.jsonl"} <= before.keys()
-    p = run_script("linear_probe.py", *SMALL, "--pretrained", out / "backbone.pth",
-                   "--output-dir", out, check=False)
-    assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [
-        f"error: {out} holds a moco run; choose another --output-dir"]
+    with pytest.raises(DataError) as e:  # main_guard prints it as one line, exit 2 (as below)
+        probe(*SMALL, "--pretrained", out / "backbone.pth", "--output-dir", out)
+    assert str(e.value) == f"{out} holds a moco run; choose another --output-dir"
     assert snapshot(out) == before
 
 
@@ -306,7 +315,7 @@ def test_probe_folder_is_refused_by_moco_and_untouched(demo_probe):
     assert snapshot(out) == before
 
 
-def test_failed_start_leaves_no_folder(tmp_path):
+def test_failed_start_leaves_no_folder(tmp_path, capsys):
     """An unreadable tile stops feature extraction (after the folder was made): the empty folder
     goes again."""
     for c, grey in (("a", 50), ("b", 200)):
@@ -316,9 +325,11 @@ def test_failed_start_leaves_no_folder(tmp_path):
                                                                        f"{i}.png")
     (tmp_path / "tiles" / "b" / "3.png").write_bytes(b"not an image")
     out = tmp_path / "probe"
-    p = run_script("linear_probe.py", "--data", "folder", "--data-root", tmp_path / "tiles",
-                   "--img-size", "32", "--workers", "0", "--output-dir", out, check=False)
-    assert p.returncode == 2 and "3.png" in p.stderr.strip().splitlines()[-1]
+    from common.train import main_guard  # in this process, as `python linear_probe.py` runs
+    with pytest.raises(SystemExit) as e:
+        main_guard(lambda: probe("--data", "folder", "--data-root", tmp_path / "tiles",
+                                 "--img-size", "32", "--workers", "0", "--output-dir", out))
+    assert e.value.code == 2 and "3.png" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
 
 
@@ -343,17 +354,16 @@ def test_stores_give_the_files_features_and_metrics(tmp_path):
     """--data-store / --test-store (tiles packed by common.store) against --data-root /
     --test-root: the same cached features bit for bit and the same metrics; a mismatched
     store is one line naming it."""
-    import linear_probe
     from test_store import pack, write_tree
     train_src = write_tree(tmp_path / "train", n=24)                # 4 per class, 64 px
     test_src = write_tree(tmp_path / "test", n=12, size=48)         # other tiles: 48 px
     train_st, test_st = pack(train_src, tmp_path / "train.store"), pack(test_src, tmp_path / "t.st")
     flags = ["--img-size", "32", "--workers", "0", "--runs", "1", "--probe-epochs", "5",
              "--label-fraction", "50", "100"]
-    linear_probe.main(["--data", "folder", "--data-root", str(train_src), "--test-root",
-                       str(test_src), *flags, "--output-dir", str(tmp_path / "files")])
-    linear_probe.main(["--data-store", str(train_st), "--test-store", str(test_st), *flags,
-                       "--output-dir", str(tmp_path / "stores")])
+    probe("--data", "folder", "--data-root", train_src, "--test-root", test_src, *flags,
+          "--output-dir", tmp_path / "files")
+    probe("--data-store", train_st, "--test-store", test_st, *flags,
+          "--output-dir", tmp_path / "stores")
     a, b = (torch.load(tmp_path / d / "features.pt", weights_only=True) for d in ("files", "stores"))
     for split, n in (("train", 24), ("test", 12)):
         assert a[split][0].shape[0] == n and a[split][0].abs().sum() > 0
