@@ -133,3 +133,26 @@ def test_sigterm_during_the_monitor_keeps_the_finished_epoch(tmp_path):
     a = torch.load(tmp_path / "cut" / "backbone.pth")
     b = torch.load(tmp_path / "straight" / "backbone.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_monitor_reads_a_store_as_the_files(tmp_path):
+    """--data-store: the monitor draws its bank and queries from the store's tiles (the
+    training dataset) and gets the files' features and accuracy exactly."""
+    import argparse
+
+    from common import data as cdata
+    from common.train import KNNMonitor
+    from test_store import pack, write_tree
+    src = write_tree(tmp_path / "src", n=24)
+    files, st = cdata.folder_dataset(src), cdata.StoreTiles(pack(src, tmp_path / "s.store"))
+    args = argparse.Namespace(knn_every=1, data="folder", seed=0, knn_size=12, knn_data_root=None,
+                              workers=0, img_size=32)
+    run = argparse.Namespace(args=args, rank=0, world=1, device=torch.device("cpu"), print=print)
+    torch.manual_seed(0)
+    net = resnet("resnet18")
+    a, b = KNNMonitor.build(run, files), KNNMonitor.build(run, st)
+    assert len(a.bank) == 12 and len(a.queries) == 4
+    for x, y in ((a.bank, b.bank), (a.queries, b.queries)):
+        fx, fy = a._embed(net, x), b._embed(net, y)
+        assert fx[0].abs().sum() > 0 and torch.equal(fx[0], fy[0]) and torch.equal(fx[1], fy[1])
+    assert a(net) == b(net)
