@@ -13,10 +13,12 @@ views. Tiles of one size only: a folder of mixed sizes stays with the files.
 Resumable: the pack fills `STORE.partial` and records its progress every few seconds; a killed
 pack, rerun with the same command, continues where it stopped. Atomic: the folder is renamed to
 STORE only once every tile is in and the index is written. A finished store is checked when a
-script opens it (size, CRCs of a sample of tiles, the source files' sizes and mtimes); `--verify`
+script opens it (size, CRCs of a sample of tiles, the source files' sizes and mtimes, tiles
+added to the source folder); `--verify`
 checks every tile's CRC.
 """
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -68,6 +70,8 @@ def plan(args):
     command = " ".join(shlex.quote(a) for a in argv + ["--out", str(Path(args.out).resolve())])
     return {"version": cdata.STORE_VERSION, "data": args.data, "root": str(root),
             "train_list": str(Path(args.train_list).resolve()) if args.train_list else None,
+            "train_list_sha1": hashlib.sha1(Path(args.train_list).read_bytes()).hexdigest()
+            if args.train_list else None,  # a changed list makes the store stale
             "count": len(ds), "height": h, "width": w, "classes": list(ds.classes),
             # relative to the (resolved) root without resolving the files: a file may be a
             # symlink to elsewhere, as datasets often are on a cluster
