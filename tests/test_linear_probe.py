@@ -364,7 +364,8 @@ def test_stores_give_the_files_features_and_metrics(tmp_path):
           "--output-dir", tmp_path / "files")
     probe("--data-store", train_st, "--test-store", test_st, *flags,
           "--output-dir", tmp_path / "stores")
-    a, b = (torch.load(tmp_path / d / "features.pt", weights_only=True) for d in ("files", "stores"))
+    a, b = (torch.load(tmp_path / d / "features.pt", weights_only=True)
+            for d in ("files", "stores"))
     for split, n in (("train", 24), ("test", 12)):
         assert a[split][0].shape[0] == n and a[split][0].abs().sum() > 0
         assert torch.equal(a[split][0], b[split][0]) and torch.equal(a[split][1], b[split][1])
@@ -388,5 +389,6 @@ def test_stores_give_the_files_features_and_metrics(tmp_path):
         Image.new("RGB", (48, 48), "white").save(two / c / "a.png")
     msg = refused("--data-store", str(train_st), "--test-store", str(pack(two, tmp_path / "2.st")))
     assert msg.startswith("--test-store classes ['x', 'y'] differ from the training classes")
-    assert refused("--data", "demo", "--test-store", str(test_st)).startswith("--test-store: --data demo")
+    msg = refused("--data", "demo", "--test-store", str(test_st))
+    assert msg.startswith("--test-store: --data demo")
     assert "drop --device-crop" in refused("--data-store", str(train_st), "--device-crop")
