@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 from PIL import Image
 
 import byol
@@ -46,11 +45,8 @@ OVERLAP_TRIES, MIN_OVERLAP = 10, 0.01  # the released sampler's constants (docs/
 def centre_box(width, height, ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's own fallback: the whole image, or its largest centre crop whose
     aspect ratio is within `ratio` (a square NCT tile: the whole tile). -> (x0, y0, x1, y1)."""
-    w, h = width, height
-    if width / height < ratio[0]:
-        h = round(width / ratio[0])
-    elif width / height > ratio[1]:
-        w = round(height * ratio[1])
+    w = round(height * ratio[1]) if width / height > ratio[1] else width
+    h = round(width / ratio[0]) if width / height < ratio[0] else height
     left, top = (width - w) // 2, (height - h) // 2
     return (left, top, left + w, top + h)
 
@@ -64,57 +60,55 @@ def draw_crop(width, height, scale, ratio):
     w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
     if not (0 < w <= width and 0 < h <= height):
         return None, target
-    top = int(torch.randint(0, height - h + 1, size=(1,)))
-    left = int(torch.randint(0, width - w + 1, size=(1,)))
+    top, left = (int(torch.randint(0, n + 1, size=(1,))) for n in (height - h, width - w))
     return (left, top, left + w, top + h), target
 
 
-def overlapping_crops(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Two RandomResizedCrop boxes (x0, y0, x1, y1) in image pixels, as the released
-    get_params_conditioned: the second is drawn OVERLAP_TRIES times (a size that does not fit
-    counts as a try) until its intersection with the first covers >= MIN_OVERLAP of its drawn
-    target area; if no draw does, both are the same centre crop."""
-    top, left, h, w = T.RandomResizedCrop.get_params(img, scale, ratio)
+def overlapping_crops(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Two RandomResizedCrop boxes (x0, y0, x1, y1) in pixels of a width x height image, as the
+    released get_params_conditioned: the second is drawn OVERLAP_TRIES times (a size that does
+    not fit counts as a try) until its intersection with the first covers >= MIN_OVERLAP of its
+    drawn target area; if no draw does, both are the same centre crop."""
+    top, left, h, w = cdata.crop_box(height, width, scale, ratio)  # get_params' numbers
     b1 = (left, top, left + w, top + h)
     for _ in range(OVERLAP_TRIES):
-        b2, target = draw_crop(*img.size, scale, ratio)
-        if b2 is None:
-            continue
-        iw = min(b1[2], b2[2]) - max(b1[0], b2[0])
-        ih = min(b1[3], b2[3]) - max(b1[1], b2[1])
-        if iw > 0 and ih > 0 and iw * ih >= MIN_OVERLAP * target:
-            return b1, b2
-    c = centre_box(*img.size, ratio)
+        b2, target = draw_crop(width, height, scale, ratio)
+        if b2 is not None:  # the intersection's width and height
+            iw, ih = (min(b1[k + 2], b2[k + 2]) - max(b1[k], b2[k]) for k in (0, 1))
+            if iw > 0 and ih > 0 and iw * ih >= MIN_OVERLAP * target:
+                return b1, b2
+    c = centre_box(width, height, ratio)
     return c, c
 
 
 class OverlapViews(cdata.MultiViewDataset):
     """Two views of one tile on overlapping crops (bilinear, --img-size), each flipped with
     p 0.5, then its BYOL photometric ops. Sample keys as MultiViewDataset: "boxes" in image
-    pixels and "flips", from which the step derives the overlap boxes and masks."""
+    pixels and "flips", from which the step derives the overlap boxes and masks. --device-crop:
+    the loader draws the numbers alone (draw_params) and the device crops `crop_views`."""
 
     def __init__(self, base, size, photometric, seed=0):
         super().__init__(base, [], seed)
-        self.size, self.photometric = size, photometric
-        self.photometrics = photometric  # --device-aug (common.augment) reads the descriptions
+        self.size, self.photometrics = size, photometric  # --device-aug reads `photometrics`
+        self.crop_views = [(size, Image.BILINEAR)] * 2     # and --device-crop `crop_views`
 
-    def augment(self, img, i):
+    def draw_params(self, tile, i):
+        """Sample i's random numbers for a (H, W, ...) tile (its shape is all this reads), seeded
+        by (seed, epoch, i): both boxes, then each view's flip and photometric parameters."""
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(cdata.sample_seed(self.seed, self.epoch, i))
-            boxes = overlapping_crops(img)
-            views, flips, photo = [], [], []
-            for box, photometric in zip(boxes, self.photometric):
-                v = img.resize((self.size, self.size), Image.BILINEAR, box=box)
-                flips.append(bool(torch.rand(1) < 0.5))
-                if flips[-1]:
-                    v = v.transpose(Image.FLIP_LEFT_RIGHT)
-                if self.device_aug:  # the same draws; the ops run on the device
-                    photo.append(photometric.sample())
-                else:
-                    v = photometric(v)
-                views.append(cdata.pil_to_uint8(v))
-        s = {"views": views, "boxes": [torch.tensor(b, dtype=torch.float32) for b in boxes],
-             "flips": flips}
+            boxes = overlapping_crops(tile.shape[1], tile.shape[0])
+            draws = [(bool(torch.rand(1) < 0.5), ph.sample()) for ph in self.photometrics]
+        return {"boxes": [torch.tensor(b, dtype=torch.float32) for b in boxes],
+                "flips": [f for f, _ in draws], "photo": [p for _, p in draws]}
+
+    def augment(self, img, i):
+        s = self.draw_params(np.empty((img.height, img.width, 0), np.uint8), i)  # a shape
+        photo, s["views"] = s.pop("photo"), []
+        for box, flip, ph, p in zip(s["boxes"], s["flips"], self.photometrics, photo):
+            v = img.resize((self.size, self.size), Image.BILINEAR, box=tuple(box.tolist()))
+            v = v.transpose(Image.FLIP_LEFT_RIGHT) if flip else v
+            s["views"].append(cdata.pil_to_uint8(v if self.device_aug else ph.apply_cpu(v, p)))
         return {**s, "photo": photo} if self.device_aug else s
 
 
@@ -371,8 +365,7 @@ def train_one_epoch(model, optimizer, trainer, run, args):
         lr = ctrain.set_lr(optimizer, ctrain.cosine_lr(args.scaled_lr, it, trainer.steps_per_epoch,
                                                        args.epochs, args.warmup_epochs))
         x1, x2 = (run.images(v) for v in batch["views"])
-        boxes = [b.to(run.device) for b in batch["boxes"]]
-        flips = [f.to(run.device) for f in batch["flips"]]
+        boxes, flips = ([t.to(run.device) for t in batch[k]] for k in ("boxes", "flips"))
         with run.autocast():
             loss, parts = model(x1, x2, boxes, flips, enqueue_direction(args.seed, it))
         trainer.backward_step(optimizer, loss, parts)
@@ -446,6 +439,7 @@ def main():
     for _ in trainer.epochs():
         train_one_epoch(ddp_model, optimizer, trainer, run, args)
     if run.main and args.vis_tiles:
+        dataset.device_crop = False  # --device-crop: the picture from the loader's PIL views
         print(save_matches(model, dataset, range(min(args.vis_tiles, len(dataset))),
                            run.out / "matches.png"), flush=True)
 

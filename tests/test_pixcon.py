@@ -14,9 +14,11 @@ import torchvision.transforms as T
 from PIL import Image
 
 import pixcon
+from common import data as cdata
 from common import train as ctrain
 from common.models import resnet_maps
 from tests.conftest import run_script
+from tests.test_store import tiny_store  # noqa: F401 - the 16 tiles and their store
 
 
 # ----------------------------------------------------------------------------- views
@@ -45,35 +47,36 @@ def test_intersection_boxes_and_masks_on_known_crops():
 
 
 def scripted_crops(monkeypatch, first, redraws):
-    """RandomResizedCrop.get_params returns `first` (x0, y0, x1, y1); pixcon.draw_crop returns
-    the redraws in turn: a box (target area = its area) or None (a size that does not fit)."""
-    monkeypatch.setattr(T.RandomResizedCrop, "get_params", staticmethod(
-        lambda img, scale, ratio: (first[1], first[0], first[3] - first[1], first[2] - first[0])))
+    """The first box (crop_box, RandomResizedCrop's numbers) is `first` (x0, y0, x1, y1);
+    pixcon.draw_crop returns the redraws in turn: a box (target area = its area) or None (a
+    size that does not fit)."""
+    monkeypatch.setattr(cdata, "crop_box", lambda height, width, scale, ratio: (
+        first[1], first[0], first[3] - first[1], first[2] - first[0]))
     calls = iter(redraws)
     monkeypatch.setattr(pixcon, "draw_crop", lambda w, h, scale, ratio: (lambda b: (
         b, 1.0 if b is None else (b[2] - b[0]) * (b[3] - b[1])))(next(calls)))
 
 
 def test_second_crop_redrawn_until_it_overlaps_else_both_centre_crop(monkeypatch):
-    img = Image.new("RGB", (200, 200))
     first = (0, 0, 100, 100)
     far = (150, 150, 200, 200)                       # no intersection
     thin = (99, 50, 199, 150)                        # 1 x 50 = 0.5% of its 10000 px: too little
     enough = (98, 50, 198, 150)                      # 2 x 50 = 1%: accepted
     scripted_crops(monkeypatch, first, [far, thin, enough])
-    assert pixcon.overlapping_crops(img) == (first, enough)
+    assert pixcon.overlapping_crops(200, 200) == (first, enough)
     scripted_crops(monkeypatch, first, [far] * 9 + [enough])  # found at the 10th redraw
-    assert pixcon.overlapping_crops(img) == (first, enough)
+    assert pixcon.overlapping_crops(200, 200) == (first, enough)
     scripted_crops(monkeypatch, first, [far] * 10 + [enough])  # not in 10: centre crop
-    assert pixcon.overlapping_crops(img) == ((0, 0, 200, 200),) * 2
+    assert pixcon.overlapping_crops(200, 200) == ((0, 0, 200, 200),) * 2
     # issue 22: a size that does not fit counts as a try (released get_params_conditioned)
     scripted_crops(monkeypatch, first, [None] * 9 + [enough])
-    assert pixcon.overlapping_crops(img) == (first, enough)
+    assert pixcon.overlapping_crops(200, 200) == (first, enough)
     scripted_crops(monkeypatch, first, [None] * 5 + [far] * 5 + [enough])
-    assert pixcon.overlapping_crops(img) == ((0, 0, 200, 200),) * 2
-    wide = Image.new("RGB", (300, 100))              # ratio 3 > 4/3: 133 x 100 in the middle
+    assert pixcon.overlapping_crops(200, 200) == ((0, 0, 200, 200),) * 2
+    scripted_crops(monkeypatch, first, [far] * 10)   # 300 x 100: ratio 3 > 4/3, 133 x 100
+    assert pixcon.overlapping_crops(300, 100) == ((83, 0, 216, 100),) * 2   # in the middle
     scripted_crops(monkeypatch, first, [far] * 10)
-    assert pixcon.overlapping_crops(wide) == ((83, 0, 216, 100),) * 2
+    assert pixcon.overlapping_crops(100, 300) == ((0, 83, 100, 216),) * 2   # (ratio 1/3 < 3/4)
 
 
 def test_one_draw_is_torchvisions_first_attempt():
@@ -96,25 +99,73 @@ def test_one_draw_is_torchvisions_first_attempt():
 
 
 def test_sampled_views_are_their_overlapping_crops():
+    """OverlapViews on a 96 x 48 image: seeded by (seed, epoch, index), the numbers drawn in the
+    released order (both boxes, then per view its flip and photometric parameters), boxes
+    inside the image, each view its box's bilinear crop, flipped where drawn."""
     torch.manual_seed(0)
     x = torch.arange(96).float()
-    pattern = torch.stack([x[None, :].expand(96, 96), x[:, None].expand(96, 96) * 2,
-                           (x[None, :] + x[:, None])], 2).byte().numpy()   # no symmetry
+    pattern = torch.stack([x[None, :].expand(48, 96), x[:48, None].expand(48, 96) * 2,
+                           (x[None, :] + x[:48, None])], 2).byte().numpy()   # no symmetry
     img = Image.fromarray(pattern)
     for _ in range(100):  # the real sampler: always >= 1% of the second crop inside the first
-        b1, b2 = pixcon.overlapping_crops(img)
+        b1, b2 = pixcon.overlapping_crops(*img.size)
         iw, ih = min(b1[2], b2[2]) - max(b1[0], b2[0]), min(b1[3], b2[3]) - max(b1[1], b2[1])
         assert iw > 0 and ih > 0 and iw * ih >= 0.01 * (b2[2] - b2[0]) * (b2[3] - b2[1])
-    ds = pixcon.OverlapViews([(img, 0)] * 8, 32, [lambda v: v, lambda v: v], seed=3)
-    flips = []
+    ops = byol_photometrics(32)
+    ds = pixcon.OverlapViews([(img, 0)] * 8, 32, ops, seed=3)
+    ds.device_aug = True  # the views leave before their photometric ops: the crops alone
+    ds.set_epoch(2)
+    flips, wide = [], False
     for i in range(8):
         s = ds[i]
+        torch.manual_seed(cdata.sample_seed(3, 2, i))
+        boxes = pixcon.overlapping_crops(96, 48)
+        draws = [(bool(torch.rand(1) < 0.5), ph.sample()) for ph in ops]
+        assert [tuple(b.tolist()) for b in s["boxes"]] == list(boxes)
+        assert s["flips"] == [f for f, _ in draws]
+        assert all(torch.equal(p, q) for p, (_, q) in zip(s["photo"], draws))
         assert all(torch.equal(a, b) for a, b in zip(s["views"], ds[i]["views"]))  # seeded
         for view, box, flip in zip(s["views"], s["boxes"], s["flips"]):
+            assert 0 <= box[0] < box[2] <= 96 and 0 <= box[1] < box[3] <= 48
+            wide |= bool(box[2] - box[0] > 48)
             ref = img.resize((32, 32), Image.BILINEAR, box=tuple(box.tolist()))
             ref = ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref
             assert torch.equal(view, torch.from_numpy(np.array(ref)).permute(2, 0, 1))
             flips.append(flip)
+    assert any(flips) and not all(flips) and wide
+
+
+def byol_photometrics(size):
+    import byol
+    return [v.photometric for v in byol.augmentations(size, blur_kernel=3)]
+
+
+def test_device_crop_from_a_store_draws_the_files_numbers_and_gives_their_views(tiny_store):
+    """Issue 25: from the store with --device-crop the loader draws the boxes, flips and
+    photometric parameters alone (draw_params) and the device crops; against the files with
+    --device-aug (PIL crops in the loader): the same numbers and, once the device ran its ops,
+    the same images bit for bit. The files' CPU path draws the same boxes and flips too."""
+    from torch.utils.data import default_collate
+    from common import augment as A
+    src, packed = tiny_store
+    st = cdata.StoreTiles(packed)
+    st.device_crop = True  # as --device-crop sets it
+    files, cpu, tiles = (pixcon.OverlapViews(b, 48, byol_photometrics(48), seed=2) for b in
+                         (cdata.folder_dataset(src), cdata.folder_dataset(src), st))
+    for ds in (files, cpu, tiles):
+        ds.set_epoch(1)
+    ref, dev = (A.DeviceAugment(ds, torch.device("cpu")) for ds in (files, tiles))
+    assert tiles.device_crop and not files.device_crop and not cpu.device_aug
+    flips = []
+    for b, batch in enumerate(torch.utils.data.DataLoader(tiles, batch_size=8)):
+        assert "views" not in batch and batch["tile"].shape == (8, 64, 64, 3)
+        fb, cb = (default_collate([d[i] for i in range(8 * b, 8 * b + 8)]) for d in (files, cpu))
+        for k in ("boxes", "flips", "photo"):
+            assert all(torch.equal(x, y) for x, y in zip(batch[k], fb[k])), k
+        assert all(torch.equal(x, y) for k in ("boxes", "flips") for x, y in zip(cb[k], fb[k]))
+        assert "photo" not in cb
+        assert all(torch.equal(x, y) for x, y in zip(dev(batch), ref(fb)))
+        flips += batch["flips"][0].tolist()
     assert any(flips) and not all(flips)
 
 
@@ -316,8 +367,9 @@ def test_target_is_an_ema_after_the_optimiser_step():
 
 
 # ----------------------------------------------------------------------------- runs
-TINY = ["--data", "demo", "--demo-size", "16", "--batch-size", "8", "--img-size", "64",
-        "--queue-size", "32", "--workers", "1", "--epochs", "2", "--blur-kernel", "3"]
+SIZES = ["--batch-size", "8", "--img-size", "64", "--queue-size", "32", "--workers", "1",
+         "--epochs", "2", "--blur-kernel", "3"]
+TINY = ["--data", "demo", "--demo-size", "16", *SIZES]
 
 
 def log(out):
@@ -325,11 +377,17 @@ def log(out):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pixcon")
-    for match in ("sim", "coord"):  # one epoch each: 2 steps
-        run_script("pixcon.py", *TINY, "--match", match, "--epochs", "1", "--knn-every", "0",
-                   "--output-dir", d / match)
+def runs(tmp_path_factory, tiny_store):
+    """One epoch (2 steps) of sim from test_store's 16 tiles twice, from the files with
+    --device-aug (PIL crops) and from their store with --device-crop (crops on the device), and
+    of coord; sr on the demo tiles for 2 epochs (kNN at the end)."""
+    d, (src, packed) = tmp_path_factory.mktemp("pixcon"), tiny_store
+    one = [*SIZES, "--epochs", "1", "--knn-every", "0"]
+    for name, data in (("sim", ["--data", "folder", "--data-root", src, "--device-aug"]),
+                       ("sim_store", ["--data-store", packed, "--device-crop"])):
+        run_script("pixcon.py", *one, *data, "--match", "sim", "--output-dir", d / name)
+    run_script("pixcon.py", *TINY, "--match", "coord", "--epochs", "1", "--knn-every", "0",
+               "--output-dir", d / "coord")
     run_script("pixcon.py", *TINY, "--output-dir", d / "sr")  # default --match sr, kNN at the end
     return d
 
@@ -358,6 +416,15 @@ def test_three_variants_train_and_write_the_contract(runs):
     lr = 0.2 * 8 / 256
     expected = sum(lr * (1 - (1 - k / 8) * (1 - 1e-4)) for k in range(2)) / 2
     assert log(runs / "sim")[0]["lr"] == pytest.approx(expected)
+
+
+def test_a_store_with_device_crop_trains_as_the_files_bit_for_bit(runs):
+    """Issue 25: PixCon from a store, its overlapping crops cut on the device, ends with the
+    model (online, target, queues) of the run from the files, bit for bit; matches.png too."""
+    a, b = (torch.load(runs / d / "checkpoint.pth", weights_only=False)["model"]
+            for d in ("sim", "sim_store"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (runs / "sim_store" / "matches.png").stat().st_size > 0
 
 
 def test_two_processes_killed_and_resumed_end_bit_identical(tmp_path):
