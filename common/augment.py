@@ -27,6 +27,7 @@ parameters are a function of (seed, epoch, index), whichever executor then runs 
 --device-crop (the crop, resize and flip of each view on the device: common.crop). Imports run
 one way: common.data (files or store, parameters) -> this module -> common.crop.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,12 +81,22 @@ class Photometric:
         loader does this twice per sample."""
         u = torch.rand(9, dtype=torch.float64, generator=generator).tolist()
         order = torch.randperm(4, generator=generator).tolist()  # as ColorJitter.get_params
-        factors = [lo + (hi - lo) * v for (lo, hi), v in zip(self.ranges(), u[4:8])]
-        lo, hi = self.blur_sigma
-        jitter, grey, blur, solarize = (float(v < q) for v, q in zip(
-            u[:4], (self.jitter_p, self.grey_p, self.blur_p, self.solarize_p)))
-        return torch.from_numpy(np.array(  # numpy: a quarter of torch.tensor's cost
-            [jitter, *order, *factors, grey, blur, lo + (hi - lo) * u[8], solarize], np.float64))
+        return self.vector(u, order)
+
+    def vector(self, u, order):
+        """sample()'s vector from its draws: 9 uniforms in [0, 1) and a permutation of 4 (the
+        --device-crop loader draws these itself from the same generator words:
+        common.data._draw_views)."""
+        (b, db), (c, dc), (s, ds), (h, dh), (g, dg) = self._spans  # lo + (hi - lo) u each
+        return torch.from_numpy(np.array((  # numpy: a quarter of torch.tensor's cost
+            float(u[0] < self.jitter_p), *order, b + db * u[4], c + dc * u[5], s + ds * u[6],
+            h + dh * u[7], float(u[1] < self.grey_p), float(u[2] < self.blur_p), g + dg * u[8],
+            float(u[3] < self.solarize_p)), np.float64))
+
+    @functools.cached_property
+    def _spans(self):
+        """(lo, hi - lo) of the four jitter factors and the blur sigma."""
+        return [(lo, hi - lo) for lo, hi in (*self.ranges(), self.blur_sigma)]
 
     def __call__(self, img):
         """Draw and apply on the CPU: a drop-in for the T.Compose it replaces."""

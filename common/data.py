@@ -14,10 +14,12 @@ device. The data path reads one way: files or store -> parameters (here) -> devi
 (common.augment, common.crop); this module imports neither.
 """
 import atexit
+import functools
 import json
 import math
 import multiprocessing
 import signal
+import struct
 import sys
 import zlib
 from pathlib import Path
@@ -292,7 +294,8 @@ class StoreTiles(torch.utils.data.Dataset):
     files: the same pixels (lossless formats), so the same views. `tile(i)` is the uint8
     (H, W, 3) array itself (a view of the memory map: --device-crop gathers these). Opening
     checks the index, the file's size, the CRC of 17 tiles spread over the store and, when the
-    source folder is there, every source file's size and mtime (a stale store is named)."""
+    source folder is there, every source file's size and mtime and the folder's listing (a
+    stale store, with tiles changed, gone or added since packing, is named)."""
 
     def __init__(self, path, check_sources=True):
         self.path = Path(path)
@@ -328,11 +331,56 @@ class StoreTiles(torch.utils.data.Dataset):
                             f"source files under {self.root} changed or went since packing "
                             f"(e.g. {changed[0]}); delete {self.path} and pack it again: "
                             f"{self.command}")
+        added, listed = self._added(), self.index.get("train_list")
+        if added and listed:
+            raise DataError(f"--data-store {self.path} is stale: --train-list {listed} changed "
+                            f"since packing; delete {self.path} and pack it again: "
+                            f"{self.command}")
+        if added:
+            raise DataError(f"--data-store {self.path} is stale: {len(added)} image files under "
+                            f"{self.root} are not in it (added since packing, e.g. {added[0]}); "
+                            f"delete {self.path} and pack it again: {self.command}")
+
+    def _added(self):
+        """Tiles the packer's listing would take now and did not then: the source folder listed
+        again as the packer lists it (one directory walk, as cheap as the size checks above),
+        or with --train-list a changed list (its SHA-1, recorded by newer packs)."""
+        import hashlib
+        import os
+        index = self.index
+        if index.get("train_list"):
+            try:
+                now = hashlib.sha1(Path(index["train_list"]).read_bytes()).hexdigest()
+            except OSError:
+                return []  # the list is not on this node: nothing to compare
+            was = index.get("train_list_sha1")
+            return ["the list"] if was and now != was else []
+
+        def key(rel):  # nct: the tile's CLASS/name, as nct_dataset keys (and de-duplicates) it
+            rel = Path(rel)
+            if index["data"] != "nct":
+                return rel.as_posix()
+            cls = next((a.name for a in rel.parents if a.name in NCT_CLASSES), None)
+            return cls and f"{cls}/{rel.name}"
+        known = {key(r) for r in list(index["paths"]) + list(index.get("left_out", []))}
+        added = []
+        # find_images' listing at a twentieth of its cost (os.walk reads the file types from the
+        # directory, no stat per file: ~2 us a file); a candidate is confirmed as it would be
+        for folder, _, names in os.walk(self.root):  # symlinked folders not followed, as rglob
+            for name in names:
+                if name.lower().endswith(IMAGE_EXTS) and not name.startswith("._"):
+                    rel = Path(os.path.relpath(os.path.join(folder, name), self.root))
+                    k = key(rel)
+                    if k is not None and k not in known and (self.root / rel).is_file():
+                        added.append(k)
+        return sorted(added)
 
     @property
     def tiles(self):
         if self._tiles is None:  # opened in each process (a memmap must not be pickled)
-            self._tiles = np.memmap(self.path / "tiles.u8", np.uint8, "r", shape=self.shape)
+            # copy-on-write: a tile is a writable array (torch.from_numpy without a copy) whose
+            # writes would land in a private page, never in the file (opened read-only)
+            self._tiles = np.memmap(self.path / "tiles.u8", np.uint8, "c", shape=self.shape)
         return self._tiles
 
     def __getstate__(self):
@@ -472,7 +520,12 @@ def crop_box(height, width, scale, ratio):
         if 0 < w <= width and 0 < h <= height:
             top = torch.randint(0, height - h + 1, size=(1,)).item()
             return top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w
-    # ten misses: the centred crop of the aspect ratio clamped to the range
+    return _centre_box(height, width, ratio)
+
+
+def _centre_box(height, width, ratio):
+    """RandomResizedCrop after ten misses: the centred crop of the aspect ratio clamped to the
+    range (no draws)."""
     if width / height < min(ratio):
         w, h = width, round(width / min(ratio))
     elif width / height > max(ratio):
@@ -561,8 +614,175 @@ class View:
 
 
 def sample_seed(*keys):
-    """A 63-bit seed from a tuple of integers (seed, epoch, index, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+    """A 63-bit seed from a tuple of integers (seed, epoch, index, ...): numpy's
+    SeedSequence(keys).generate_state(2, uint64)[0] >> 1. The loader's (seed, epoch, index) of
+    32-bit numbers takes `_seed3`, the same hash in Python at a third of the cost."""
+    keys = [int(k) for k in keys]
+    if len(keys) == 3 and all(0 <= k <= _M32 for k in keys):
+        return _seed3(*keys)
+    return int(np.random.SeedSequence(keys).generate_state(2, np.uint64)[0] >> 1)
+
+
+# SeedSequence's hash of three 32-bit words, unrolled (numpy's bit_generator.pyx: a pool of 4
+# words, each hashed in, then every word mixed into every other, each hashmix with the next of a
+# fixed sequence of multipliers). The (seed, epoch) part is the same for a whole epoch: cached.
+_M32 = 0xFFFFFFFF
+_HASH_A = [0x43B0D7E5]
+for _ in range(16):
+    _HASH_A.append(_HASH_A[-1] * 0x931E8875 & _M32)
+_HASH_B = [0x8B51F9DD, 0x8B51F9DD * 0x58F38DED & _M32, 0x8B51F9DD * 0x58F38DED ** 2 & _M32]
+
+
+def _hashmix(v, k):  # SeedSequence's k-th hashmix call
+    v = (v ^ _HASH_A[k]) * _HASH_A[k + 1] & _M32
+    return v ^ v >> 16
+
+
+def _mix(x, y):
+    r = (0xCA01F9DD * x - 0x4973F715 * y) & _M32
+    return r ^ r >> 16
+
+
+@functools.lru_cache(maxsize=64)
+def _seed3_prefix(seed, epoch):
+    m0, m1, m3 = _hashmix(seed, 0), _hashmix(epoch, 1), _hashmix(0, 3)
+    m1 = _mix(m1, _hashmix(m0, 4))
+    c5 = _hashmix(m0, 5)
+    m3 = _mix(m3, _hashmix(m0, 6))
+    m0 = _mix(m0, _hashmix(m1, 7))
+    c8 = _hashmix(m1, 8)
+    return m0, m1, _mix(m3, _hashmix(m1, 9)), c5, c8
+
+
+def _seed3(seed, epoch, i):
+    m0, m1, m3, c5, c8 = _seed3_prefix(seed, epoch)
+    m2 = _mix(_mix(_hashmix(i, 2), c5), c8)
+    m0, m1, m3 = _mix(m0, _hashmix(m2, 10)), _mix(m1, _hashmix(m2, 11)), _mix(m3, _hashmix(m2, 12))
+    m0, m1 = _mix(m0, _hashmix(m3, 13)), _mix(m1, _hashmix(m3, 14))
+    w0 = (m0 ^ _HASH_B[0]) * _HASH_B[1] & _M32
+    w1 = (m1 ^ _HASH_B[1]) * _HASH_B[2] & _M32
+    return ((w0 ^ w0 >> 16) | (w1 ^ w1 >> 16) << 32) >> 1
+
+
+# -- the views' numbers, read from torch's generator in Python (--device-crop's loader) ---------
+# torch's CPU generator is an MT19937 that manual_seed(s) seeds with s's low 32 bits, as numpy's
+# legacy seeding does: the same 32-bit words. Each draw turns words into a number by fixed
+# arithmetic (ATen's TransformationHelper.h): rand (float32): (w & 2^24-1) 2^-24; uniform_(a, b)
+# (float32): x (b - a) + a, fused, rounded once to float32, b itself turned into a; rand
+# (float64): 53 bits of two words,
+# the first high; randint(0, n): w mod n; randperm(4): three words, a swap each. Doing that here
+# draws the same numbers as the torch calls (tests/test_data.py, seed for seed) without their
+# per-call overhead, and leaves torch's generator alone (no fork_rng). Only exp stays a torch
+# call: its float32 rounding is the library's.
+_MT = np.random.MT19937()
+_MT_SEED = np.random.RandomState(_MT).seed  # legacy seeding: manual_seed's state
+_F32 = struct.Struct("<f")
+_EXP = torch.empty(1)  # RandomResizedCrop's exp_ on a 1-element float32 tensor
+_M53 = (1 << 53) - 1
+
+
+def _f32(v):
+    return _F32.unpack(_F32.pack(v))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _uniform_range(lo, hi):
+    """uniform_(lo, hi) on float32: (a, b - a, b) as the kernel holds them (float32)."""
+    a, b = np.float32(lo), np.float32(hi)
+    return float(a), float(b - a), float(b)
+
+
+def _uniform32(word, a, d, b):
+    """torch's float32 uniform_(a, b) (d = b - a in float32) from its word: fused x d + a,
+    rounded once; a result that rounded up to b is a (ATen's uniform_kernel)."""
+    p = (word & 0xFFFFFF) * 2.0 ** -24 * d  # exact in float64 (24 x 24 bits)
+    s = p + a
+    r = _f32(s)
+    if s != r:  # s rounded (float64) and then to float32: equal to one rounding unless s fell
+        t = 2 * s - r  # on a float32 midpoint (then t, the other neighbour, is a float32)
+        if t != r and _f32(t) == t:
+            bv = s - p
+            err = (p - (s - bv)) + (a - bv)  # TwoSum: exact = s + err
+            if err and (err > 0) == (t > s):
+                r = t
+    return a if r == b else r
+
+
+class _Probe:
+    """Photometric.sample's draws, both ways (the self-check below)."""
+
+    def sample(self):
+        return torch.tensor(torch.rand(9, dtype=torch.float64).tolist()
+                            + torch.randperm(4).tolist(), dtype=torch.float64)
+
+    def vector(self, u, order):
+        return torch.tensor(u + order, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=1)
+def _words_agree():
+    """Once per process: _draw_views equals the torch calls on 64 seeds (a torch whose kernels
+    draw otherwise keeps the torch calls: the numbers never change, only their cost)."""
+    views = [View(24, (0.08, 1.0), photometric=_Probe()), View(24, (0.9, 1.0), (0.5, 2.0), 0.3)]
+    for seed in range(64):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(seed, 1, 2))
+            want = [v.draw_params((40, 300)) for v in views]
+        got = _draw_views(views, (40, 300), sample_seed(seed, 1, 2))
+        if any(not torch.equal(a[0], b[0]) or a[1] != b[1] or
+               (a[2] is not None and not torch.equal(a[2], b[2])) for a, b in zip(want, got)):
+            return False
+    return True
+
+
+def _fast_views(views):
+    """Whether _draw_views can draw these views: plain Views (no further geometric ops, no
+    draw_params of their own) whose photometric ops are a description with `vector` or none
+    drawn, default dtype float32 (crop_box's tensors), and this torch's kernels draw as
+    _draw_views reads them (_words_agree)."""
+    return torch.get_default_dtype() == torch.float32 and _words_agree() and all(
+        type(v).draw_params is View.draw_params and v.geometric is None
+        and (not hasattr(v.photometric, "sample") or hasattr(v.photometric, "vector"))
+        for v in views)
+
+
+def _draw_views(views, size, seed):
+    """[View.draw_params(size) for v in views] after torch's manual_seed(seed), the same
+    numbers (crop_box, the flip, Photometric.sample), drawn from the generator's words here."""
+    height, width = size
+    area = height * width
+    _MT_SEED(seed & _M32)
+    w, k, out = _MT.random_raw(26 * len(views) + 8).tolist(), 0, []
+    for v in views:
+        scale = _uniform_range(*v.scale)
+        log_ratio = _uniform_range(*_log_ratio(tuple(v.ratio)))
+        for _ in range(10):
+            if len(w) - k < 26:  # a try, a box, a flip, a photometric vector
+                w += _MT.random_raw(64).tolist()
+            target = area * _uniform32(w[k], *scale)
+            aspect = _EXP.fill_(_uniform32(w[k + 1], *log_ratio)).exp_().item()
+            k += 2
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= width and 0 < ch <= height:
+                top, left = w[k] % (height - ch + 1), w[k + 1] % (width - cw + 1)
+                k += 2
+                break
+        else:
+            top, left, ch, cw = _centre_box(height, width, v.ratio)
+        flip = (w[k] & 0xFFFFFF) * 2.0 ** -24 < v.flip_p
+        k += 1
+        params = None
+        if hasattr(v.photometric, "sample"):  # rand(9, float64), randperm(4)
+            u = [((w[j] << 32 | w[j + 1]) & _M53) * 2.0 ** -53 for j in range(k, k + 18, 2)]
+            order = [0, 1, 2, 3]
+            for j in range(3):
+                z = j + w[k + 18 + j] % (4 - j)
+                order[j], order[z] = order[z], order[j]
+            k += 21
+            params = v.photometric.vector(u, order)
+        box = torch.from_numpy(np.array((left, top, left + cw, top + ch), dtype=np.float32))
+        out.append((box, flip, params, None))
+    return out
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
@@ -592,8 +812,10 @@ class MultiViewDataset(torch.utils.data.Dataset):
         if self.device_crop:  # the tile as stored and the views' numbers; pixels on the device
             tile = self.base.tile(i)
             sample = self.draw_params(tile, i)
-            sample.update(tile=torch.from_numpy(np.array(tile)), label=self.base.targets[i],
-                          index=i, skipped=0)
+            # a copy-on-write map goes to collate's stack as it is (one copy per batch, from
+            # the page cache); a read-only one is copied here (torch needs a writable array)
+            tile = torch.from_numpy(tile if tile.flags.writeable else np.array(tile))
+            sample.update(tile=tile, label=self.base.targets[i], index=i, skipped=0)
             return sample
         if hasattr(self.base, "load"):
             img, label, skipped = self.base.load(i)
@@ -623,12 +845,19 @@ class MultiViewDataset(torch.utils.data.Dataset):
         view of the store: its shape is all this needs), drawn exactly as augment() draws them,
         without pixels: {"boxes", "flips", "photo", "geo"}. A method whose augment() builds
         more per sample (a reference box, masks) extends this in its own file too."""
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
-            out = [v.draw_params(tile.shape[:2]) for v in self.views]
-        empty = lambda p: p if p is not None else torch.zeros(0, dtype=torch.float64)
+        seed = sample_seed(self.seed, self.epoch, i)
+        if _fast_views(self.views):  # the same numbers, read from the generator's words here
+            out = _draw_views(self.views, tile.shape[:2], seed)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                out = [v.draw_params(tile.shape[:2]) for v in self.views]
+        empty = lambda p: p if p is not None else _NO_PARAMS  # noqa: E731
         return {"boxes": [o[0] for o in out], "flips": [o[1] for o in out],
                 "photo": [empty(o[2]) for o in out], "geo": [empty(o[3]) for o in out]}
+
+
+_NO_PARAMS = torch.zeros(0, dtype=torch.float64)  # a view without photometric / geometric ops
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

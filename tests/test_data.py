@@ -229,3 +229,110 @@ def test_moco_refuses_a_folder_with_a_bad_file_before_training(tmp_path):
     import json
     rec = json.loads((tmp_path / "run2" / "log.jsonl").read_text().splitlines()[0])
     assert rec["unreadable_left_out"] == 1 and rec["unreadable_examples"] == ["broken.png"]
+
+
+# ------------------------------------------------ the loader's draws, read from the generator
+
+def test_sample_seed_equals_numpys_seed_sequence():
+    """The unrolled (seed, epoch, index) hash against SeedSequence itself: random 32-bit keys
+    of every magnitude, the edges, and the other key counts and sizes (numpy's path)."""
+    rng = np.random.default_rng(0)
+    keys = [tuple(int(k) >> int(s) for k, s in zip(rng.integers(0, 2**32, 3, dtype=np.uint64),
+                                                  rng.integers(0, 32, 3))) for _ in range(3000)]
+    keys += [(0, 0, 0), (2**32 - 1,) * 3, (0, 2**32 - 1, 1), (2**32, 0, 1), (5, 1, 2, 3), (7,),
+             (2**63 - 1, 4, 9), (1, 2)]
+    for k in keys:
+        want = int(np.random.SeedSequence(list(k)).generate_state(2, np.uint64)[0] >> 1)
+        assert cdata.sample_seed(*k) == want, k
+        assert cdata.sample_seed(*map(np.int64, k)) == want
+
+
+@pytest.mark.parametrize("lo, hi", [(0.2, 1.0), (0.08, 1.0), (-0.2876821, 0.2876821),
+                                    (1e-30, 1.0), (-3.5, 1e-7), (1000.0, 1000.5)])
+def test_float32_uniform_from_the_generator_words_equals_torch(lo, hi):
+    """torch's uniform_ on float32 (a fused multiply-add, rounded once; a result that rounds
+    up to hi becomes lo: the last range has such words) against the words numpy's legacy-seeded
+    MT19937 yields for the same seed."""
+    n = 50_000
+    mt = np.random.MT19937()
+    np.random.RandomState(mt).seed(11)
+    words = mt.random_raw(n).tolist()
+    want = torch.empty(n).uniform_(lo, hi, generator=torch.Generator().manual_seed(11)).tolist()
+    rng = cdata._uniform_range(lo, hi)
+    assert [cdata._uniform32(w, *rng) for w in words] == want
+
+
+def _torch_draws(views, size, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return [v.draw_params(size) for v in views]
+
+
+@pytest.mark.parametrize("case", ["moco_v2", "byol", "strips"])
+def test_loader_draws_equal_the_torch_calls_seed_for_seed(case):
+    """MultiViewDataset.draw_params (the --device-crop loader: words read in Python, no torch
+    draw) against View.draw_params under torch's seeded generator: boxes, flips, photometric
+    vectors for 800 samples; the strips force ten misses (the centred fallback) and retries,
+    a flip_p of 0.3 and a view without photometric ops. Torch's own RNG is left alone."""
+    import byol
+    import moco
+    if case == "moco_v2":
+        views, size = [moco.augmentation("v2", 224)] * 2, (224, 224)
+    elif case == "byol":
+        views, size = list(byol.augmentations(64)), (64, 48)
+    else:
+        ph = moco.augmentation("v2", 32).photometric
+        views = [cdata.View(32, (0.9, 1.0), (0.5, 2.0), flip_p=0.3),
+                 cdata.View(32, (0.02, 1.0), photometric=ph)]
+        size = (12, 300)
+    assert cdata._fast_views(views)
+    ds = cdata.MultiViewDataset(None, views, seed=3)
+    ds.set_epoch(2)
+    tile = np.zeros((*size, 3), np.uint8)
+    torch.manual_seed(99)
+    after = torch.rand(3)
+    fallbacks = 0
+    for i in range(800):
+        torch.manual_seed(99)
+        got = ds.draw_params(tile, i)
+        assert torch.equal(torch.rand(3), after)  # the global generator untouched
+        want = _torch_draws(views, size, cdata.sample_seed(3, 2, i))
+        for k, (box, flip, photo, geo) in enumerate(want):
+            assert torch.equal(got["boxes"][k], box) and got["flips"][k] == flip, (i, k)
+            assert torch.equal(got["photo"][k], photo if photo is not None
+                               else torch.zeros(0, dtype=torch.float64)), (i, k)
+            assert geo is None and got["geo"][k].numel() == 0
+            fallbacks += box.tolist() == [138, 0, 162, 12]  # the strip's centred 24 x 12
+    assert case != "strips" or fallbacks > 0
+
+
+def test_views_the_words_cannot_draw_take_the_torch_calls(monkeypatch):
+    """A geometric op, a View subclass, or a torch that draws otherwise (the self-check sees a
+    changed reading) keep the torch calls: the same numbers as before, always."""
+    import moco
+    v = moco.augmentation("v2", 32)
+
+    class Rot:
+        def sample(self):
+            return torch.rand(1, dtype=torch.float64)
+
+    geo = cdata.View(32, (0.2, 1.0), geometric=Rot())
+    class Mine(cdata.View):  # draws something more after the View's numbers
+        def draw_params(self, size):
+            return (*super().draw_params(size)[:3], torch.rand(2, dtype=torch.float64))
+
+    sub = Mine(32, (0.2, 1.0))
+    assert cdata._fast_views([v, v])
+    assert not cdata._fast_views([v, geo]) and not cdata._fast_views([sub])
+    ds = cdata.MultiViewDataset(None, [v, geo], seed=1)
+    got = ds.draw_params(np.zeros((40, 40, 3), np.uint8), 5)
+    want = _torch_draws([v, geo], (40, 40), cdata.sample_seed(1, 0, 5))
+    assert torch.equal(got["geo"][1], want[1][3]) and torch.equal(got["boxes"][0], want[0][0])
+    assert cdata._words_agree()
+    real = cdata._uniform32
+    monkeypatch.setattr(cdata, "_uniform32", lambda w, *r: real(w ^ 0x800000, *r))
+    cdata._words_agree.cache_clear()
+    try:
+        assert not cdata._words_agree() and not cdata._fast_views([v, v])
+    finally:
+        cdata._words_agree.cache_clear()
