@@ -60,6 +60,11 @@ def test_store_holds_the_decoded_tiles_and_gives_the_files_views(tiny_store):
     files, st = cdata.folder_dataset(src), cdata.StoreTiles(out)
     assert st.paths == files.paths and st.targets == files.targets and st.classes == files.classes
     assert st.tiles.shape == (16, 64, 64, 3)
+    before = (out / "tiles.u8").read_bytes()
+    t = st.tile(0)  # writable (copy-on-write: no copy to hand to torch) ...
+    t[0, 0, 0] ^= 255
+    assert (out / "tiles.u8").read_bytes() == before  # ... and a write never reaches the file
+    st = cdata.StoreTiles(out)
     for i in range(len(files)):
         assert np.array_equal(st.tile(i), np.asarray(Image.open(files.paths[i]).convert("RGB")))
     views = list(byol.augmentations(32)) + [moco.augmentation("v2", 32)]
@@ -87,6 +92,16 @@ def test_real_nct_tiff_tiles_pack_bit_identical(shared_samples, tmp_path):
     for i in range(2):
         assert np.array_equal(st.tile(i), np.asarray(cdata.read_rgb(files.paths[i])))
     assert store.verify(out) == 0
+    # with --train-list: a list changed since packing makes the store stale
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"{Path(q).parent.name}/{Path(q).name}\n" for q in files.paths))
+    assert store.main(["--data", "nct", "--data-root", str(src), "--train-list", str(lst),
+                       "--out", str(tmp_path / "l.store"), "--workers", "0"]) == 0
+    cdata.StoreTiles(tmp_path / "l.store")
+    lst.write_text(lst.read_text().splitlines()[0] + "\n")
+    with pytest.raises(cdata.DataError, match=r"is stale: --train-list .*train.txt changed since "
+                                              r"packing; delete .* and pack it again: "):
+        cdata.StoreTiles(tmp_path / "l.store")
 
 
 def test_a_killed_pack_continues_where_it_stopped(tiny_store, tmp_path, monkeypatch):
@@ -143,6 +158,15 @@ def test_a_broken_or_stale_store_is_one_line_naming_what_to_rerun(tiny_store, tm
     Image.new("RGB", (64, 64), "white").save(first)
     with pytest.raises(cdata.DataError, match=r"is stale: 1 of 16 source files .*" + rerun):
         cdata.StoreTiles(d)
+    # stale: a tile added to the source folder (every listed file unchanged)
+    d = pack(src2, tmp_path / "added.store")
+    shutil.copy2(first, first.with_name("new.png"))
+    with pytest.raises(cdata.DataError, match=r"is stale: 1 image files under .* are not in "
+                                              r"it \(added since packing, e\.g\. \w+/new\.png\); "
+                                              r"delete .* and " + rerun):
+        cdata.StoreTiles(d)
+    first.with_name("new.png").unlink()
+    cdata.StoreTiles(d)  # as packed again: fine
     # mixed sizes: one line, and no store
     Image.new("RGB", (48, 48), "white").save(first)
     with pytest.raises(cdata.DataError, match=r"one size, these 16 come in 2 sizes "
