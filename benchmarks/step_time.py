@@ -600,15 +600,17 @@ def main():
     p.add_argument("--data-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="loader processes for the data pipeline's samples/s")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--quick", action="store_true", help="64 px, batch 8, 1 + 2 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="64 px, batch 8, 1 + 2 steps, 50 samples, queue 64 (flags given win)")
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args()
+    if a.quick:  # --quick's sizes for what was not given on the command line
+        p.set_defaults(img_size=64, batch_size=8, warmup=1, steps=2, samples=50, queue=64)
+        a = p.parse_args()
     unknown = set(a.methods.split(",")) - set(METHODS)
     if unknown:
         p.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if a.quick:
-        a.img_size, a.batch_size, a.warmup, a.steps, a.samples, a.queue = 64, 8, 1, 2, 50, 64
     a.batch_size = a.batch_size or (64 if device.type == "cuda" else 32)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)

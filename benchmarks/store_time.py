@@ -40,15 +40,27 @@ NCT_100K = 100_000  # tiles of 224 x 224 x 3 bytes
 # The photometric executor before its ops were folded (count_ops on that commit's apply_batch):
 # one masked index/op/index_put per jitter op and position, each factor and index its own copy.
 BEFORE = {"commit": "2ef7e9d", "device": 576, "h2d": 52, "d2h": 0, "host": 223}
+# ... and its split (this counter on that commit's apply_batch, MoCo v2's ops): 80 were views
+BEFORE_SPLIT = {"kernels": 496, "metadata": 80}
+
+
+def is_metadata(func):
+    """An aten op whose output aliases its input without writing it (view, reshape's
+    _unsafe_view / alias, expand, permute, unsqueeze, select, slice, t, as_strided, detach,
+    unbind, split, lift_fresh ...): a new tensor header on the host, no kernel launch. Read from
+    the op's schema (plus _unsafe_view, reshape's view whose schema names no alias)."""
+    return func.overloadpacket.__name__ in ("_unsafe_view", "_reshape_alias") or any(
+        r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
 class OpCounter(TorchDispatchMode):
     """Counts every aten operation; `device` those touching a tensor on the counted device,
-    `h2d` / `d2h` the copies between it and the host."""
+    split into `kernels` (a launch each on a GPU) and `metadata` (views: no launch), `h2d` /
+    `d2h` the copies between it and the host; `names` the device kernels by name."""
 
     def __init__(self, device="meta"):
         super().__init__()
-        self.device, self.ops = torch.device(device), Counter()
+        self.device, self.ops, self.names = torch.device(device), Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -59,6 +71,11 @@ class OpCounter(TorchDispatchMode):
         off = lambda ts: any(t.device.type != self.device.type for t in ts)  # noqa: E731
         if on(flat_in) or on(flat_out):
             self.ops["device"] += 1
+            if is_metadata(func):
+                self.ops["metadata"] += 1
+            else:
+                self.ops["kernels"] += 1
+                self.names[func.overloadpacket.__name__] += 1
             if off(flat_in) and on(flat_out):
                 self.ops["h2d"] += 1
             if on(flat_in) and off(flat_out):
@@ -122,6 +139,29 @@ def crop_exactness(images, draws=8, seed=0):
     return rows
 
 
+class TorchCalls(cdata.MultiViewDataset):
+    """--device-crop's loader as it was (commit 8a2a4e9): each view's numbers drawn by the torch
+    calls under fork_rng, SeedSequence's seed, the tile copied out of the map: the same
+    numbers, for the before / after rows of one run."""
+
+    def __getitem__(self, i):
+        tile = self.base.tile(i)
+        sample = self.draw_params(tile, i)
+        sample.update(tile=torch.from_numpy(np.array(tile)), label=self.base.targets[i],
+                      index=i, skipped=0)
+        return sample
+
+    def draw_params(self, tile, i):
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(
+            2, np.uint64)[0] >> 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            out = [v.draw_params(tile.shape[:2]) for v in self.views]
+        empty = lambda p: p if p is not None else torch.zeros(0, dtype=torch.float64)  # noqa
+        return {"boxes": [o[0] for o in out], "flips": [o[1] for o in out],
+                "photo": [empty(o[2]) for o in out], "geo": [empty(o[3]) for o in out]}
+
+
 def loader_ms(paths, store_path, samples=256, batch=32):
     """CPU ms per sample of one process building and collating batches: files (default: PIL
     crops and photometric ops), --device-aug (PIL crops, parameters), --data-store
@@ -135,16 +175,26 @@ def loader_ms(paths, store_path, samples=256, batch=32):
     st = cdata.StoreTiles(store_path)
     device_crop = cdata.MultiViewDataset(st, [view, view])
     device_crop.device_aug = device_crop.device_crop = True
-    res, batches = {}, max(1, samples // batch)
-    for name, ds in (("default", default), ("--device-aug", device_aug),
-                     ("--data-store --device-crop", device_crop)):
+    torch_calls = TorchCalls(st, [view, view])
+    torch_calls.device_aug = torch_calls.device_crop = True
+    batches = max(1, samples // batch)
+
+    def timed(ds):
         n = len(ds)
         default_collate([ds[i % n] for i in range(batch)])  # warm
         t = time.process_time()
         for b in range(batches):
             default_collate([ds[(b * batch + i) % n] for i in range(batch)])
-        res[name] = 1000 * (time.process_time() - t) / (batches * batch)
-    return res
+        return 1000 * (time.process_time() - t) / (batches * batch)
+
+    res = {"default": timed(default), "--device-aug": timed(device_aug)}
+    store = {"--data-store --device-crop, before (torch calls, tile copied)": torch_calls,
+             "--data-store --device-crop": device_crop}
+    rounds = {name: [] for name in store}
+    for _ in range(5):  # interleaved, the least disturbed round of each (a shared machine)
+        for name, ds in store.items():
+            rounds[name].append(timed(ds))
+    return {**res, **{name: min(r) for name, r in rounds.items()}}
 
 
 def packing(paths, out):
@@ -201,14 +251,15 @@ def report(res):
             print(f"| {size} | {name} | {dtype} | {a} mismatched of {b} pixels | |")
         else:
             print(f"| {size} | {name} | {dtype} | {a:.4f} | {b} |")
-    print("\n| one view batch (32 x 224 px), meta device | device ops | host-to-device copies "
-          "| device-to-host (syncs) | host-side torch ops |\n|---|---|---|---|---|")
-    b = BEFORE
-    print(f"| photometric ops before (commit {b['commit']}) | {b['device']} | {b['h2d']} | "
-          f"{b.get('d2h', 0)} | {b['host']} |")
+    print("\n| one view batch (32 x 224 px), meta device | device ops | of which kernels | "
+          "metadata only (views) | host-to-device copies | device-to-host (syncs) | host-side "
+          "torch ops |\n|---|---|---|---|---|---|---|")
+    b = {**BEFORE, **BEFORE_SPLIT}
+    print(f"| photometric ops before (commit {b['commit']}) | {b['device']} | {b['kernels']} | "
+          f"{b['metadata']} | {b['h2d']} | {b.get('d2h', 0)} | {b['host']} |")
     for k, v in res["ops"].items():
-        print(f"| {k} | {v.get('device', 0)} | {v.get('h2d', 0)} | {v.get('d2h', 0)} | "
-              f"{v.get('host', 0)} |")
+        print(f"| {k} | {v.get('device', 0)} | {v.get('kernels', 0)} | {v.get('metadata', 0)} | "
+              f"{v.get('h2d', 0)} | {v.get('d2h', 0)} | {v.get('host', 0)} |")
     gib = res["nct100k_bytes"] / 2**30
     print(f"\nPacking: {res['pack_ms_per_tile']:.2f} CPU ms per tile (one process): NCT-100K "
           f"~{res['pack_ms_per_tile'] * NCT_100K / 1000 / 60:.1f} CPU-minutes; store "

@@ -10,6 +10,10 @@ def test_step_time_runs_every_method(tmp_path):
     p = run_script("benchmarks/step_time.py", "--quick", "--warmup", "0", "--steps", "1",
                    "--samples", "3", "--json", out)
     res = json.loads(out.read_text())
+    assert (res["args"]["steps"], res["args"]["warmup"], res["args"]["samples"]) == (1, 0, 3)
+    assert res["args"]["img_size"] == 64  # --quick fills what was not given
+    ops = res["store"]["ops"]["photometric"]  # the counter splits kernels from views
+    assert ops["kernels"] + ops["metadata"] == ops["device"] and 0 < ops["metadata"] < 60
     import benchmarks.step_time as bench
     assert set(res["methods"]) == set(bench.METHODS)
     for m in res["methods"].values():

@@ -10,6 +10,7 @@ from PIL import Image
 from common import crop
 from common import data as cdata
 from common.demo import DemoTiles
+from tests.conftest import REPO
 
 SIZES = (224, 112, 64)
 FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -109,3 +110,24 @@ def test_label_maps_equal_pillows_nearest(size):
                             torch.tensor(flips))
     assert got.dtype == torch.int32
     assert (got.numpy() != np.stack(want)).sum() == 0
+
+
+def test_gpu_check_crop_cpu_mode_passes_and_catches_a_wrong_crop(tmp_path, monkeypatch, capsys):
+    """scripts/gpu_check_crop.py --cpu (the GPU check's crop part on the CPU): every check ok,
+    the numbers written; with the weights' rounding broken (a half-level bias) it says FAIL and
+    exits 1."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("gpu_check_crop",
+                                                  REPO / "scripts" / "gpu_check_crop.py")
+    gcc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gcc)
+    assert gcc.main(["--cpu", "--n", "3", "--json", str(tmp_path / "c.json")]) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["crop"]["64 bilinear float64"] == [0.0, 0] and res["photometric"][1] <= 1
+    assert res["ops"]["d2h"] == 0 and res["ops"]["kernels"] > 0
+    assert "all checks passed" in capsys.readouterr().out
+    real = crop._pass
+    monkeypatch.setattr(crop, "_pass", lambda w, x: real(w, x + 0.6))
+    assert gcc.main(["--cpu", "--n", "2"]) == 1
+    assert "FAIL crop 64 bilinear float64" in capsys.readouterr().out
