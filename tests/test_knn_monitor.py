@@ -4,6 +4,7 @@ one and two processes, and safe to pre-empt."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -49,16 +50,24 @@ def knn_of_exported_backbone(out):
     return 100 * correct / len(query_y)
 
 
-def test_monitor_logs_and_does_not_touch_training(tmp_path):
-    run_script("moco.py", *FAST, "--knn-every", "1", "--output-dir", tmp_path / "on")
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory):
+    """A 2-epoch demo MoCo run with the monitor after every epoch (shared: the SIGTERM test's
+    uninterrupted run is this one)."""
+    out = tmp_path_factory.mktemp("knn") / "on"
+    run_script("moco.py", *FAST, "--knn-every", "1", "--output-dir", out)
+    return out
+
+
+def test_monitor_logs_and_does_not_touch_training(monitored, tmp_path):
     run_script("moco.py", *FAST, "--knn-every", "0", "--output-dir", tmp_path / "off")
-    on, off = log(tmp_path / "on"), log(tmp_path / "off")
+    on, off = log(monitored), log(tmp_path / "off")
     assert len(on) == 2
     # the logged value is the kNN accuracy of the backbone exported at that epoch (one query
     # of 90 may flip on a float-level tie between batched and unbatched features)
-    assert abs(on[-1]["knn_accuracy"] - knn_of_exported_backbone(tmp_path / "on")) <= 100 / 90 + 1e-6
+    assert abs(on[-1]["knn_accuracy"] - knn_of_exported_backbone(monitored)) <= 100 / 90 + 1e-6
     assert all("knn_accuracy" not in r for r in off)
-    a = torch.load(tmp_path / "on" / "backbone.pth")
+    a = torch.load(monitored / "backbone.pth")
     b = torch.load(tmp_path / "off" / "backbone.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -69,15 +78,22 @@ def test_monitor_every_n_and_last_epoch(tmp_path):
     assert ["knn_accuracy" in r for r in log(tmp_path / "r")] == [False, True, True]
 
 
-def test_monitor_off_without_labels(tmp_path):
+def test_monitor_off_without_labels(tmp_path, capsys):
+    """In this process: the Trainer builds the monitor with KNNMonitor.build and logs
+    knn_accuracy only when it got one."""
+    import argparse
+
+    from common import data as cdata
+    from common.train import KNNMonitor
     flat = tmp_path / "flat"
     flat.mkdir()
     for i in range(16):  # images directly under the root: no class folders, label -1
         Image.new("RGB", (64, 64), (i * 10, 100, 200 - i * 10)).save(flat / f"{i}.png")
-    p = run_script("moco.py", *FAST, "--data", "folder", "--data-root", flat, "--knn-every", "1",
-                   "--output-dir", tmp_path / "r")
-    assert "kNN monitor off" in p.stdout
-    assert all("knn_accuracy" not in r for r in log(tmp_path / "r"))
+    args = argparse.Namespace(knn_every=1, data="folder", seed=0, knn_size=12, knn_data_root=None,
+                              workers=0, img_size=64)
+    run = argparse.Namespace(args=args, rank=0, world=1, device=torch.device("cpu"), print=print)
+    assert KNNMonitor.build(run, cdata.folder_dataset(flat)) is None
+    assert "kNN monitor off" in capsys.readouterr().out
 
 
 def moco_with_monitor_hook(path, hook):
@@ -112,7 +128,7 @@ def test_monitor_on_two_processes_scores_the_exported_backbone(tmp_path):
     assert abs(logged[-1] - knn_of_exported_backbone(out)) <= 100 / 90 + 1e-6
 
 
-def test_sigterm_during_the_monitor_keeps_the_finished_epoch(tmp_path):
+def test_sigterm_during_the_monitor_keeps_the_finished_epoch(monitored, tmp_path):
     # The scheduler pre-empts while epoch 0's monitor runs: the epoch's steps are done, so its
     # checkpoint, log line and backbone must be written before the exit, and the rerun must
     # finish exactly as an uninterrupted run.
@@ -125,13 +141,14 @@ def test_sigterm_during_the_monitor_keeps_the_finished_epoch(tmp_path):
     assert [r["epoch"] for r in log(tmp_path / "cut")] == [0]
     assert torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)["epoch"] == 1
     run_script("moco.py", *args, tmp_path / "cut")
-    run_script("moco.py", *args, tmp_path / "straight")
+    straight = monitored  # the same flags, never interrupted
+
     def numbers(out):  # everything but timings
         return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}
                 for r in log(out)]
-    assert numbers(tmp_path / "cut") == numbers(tmp_path / "straight")
+    assert numbers(tmp_path / "cut") == numbers(straight)
     a = torch.load(tmp_path / "cut" / "backbone.pth")
-    b = torch.load(tmp_path / "straight" / "backbone.pth")
+    b = torch.load(straight / "backbone.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
