@@ -375,7 +375,11 @@ def pack_maps(store, scale, min_size, workers, sigma=0.8):
             print(f"note: {partial} is from another pack or damaged: starting afresh")
             shutil.rmtree(partial)
     if crc is None:
-        partial.mkdir()
+        try:
+            partial.mkdir()
+        except OSError as e:
+            raise DataError(f"--data-store {store}: cannot write the FH maps beside the store "
+                            f"({e.strerror or e}); pack them where the store is writable") from None
         np.lib.format.open_memmap(partial / "maps.npy", "w+", dtype, shape).flush()
         with open(partial / "maps.npy", "r+b") as f:
             try:  # reserve the space now: a full disk would otherwise kill a worker (SIGBUS)
