@@ -188,24 +188,27 @@ class Photometric:
         table = table.to(x.device, non_blocking=True)
         width = table.shape[1] - (self.kernel if ops["blur"] else 0)  # then the blur kernels
         cols = table[:, :width].reshape(n, -1, 1, 1, 1).unbind(1)
-        hue_on, hue_f, grey_on, blur_on, sigma, sol_on = cols[-6:]  # each (N, 1, 1, 1)
+        hue_f, sigma = cols[-5], cols[-2]  # each (N, 1, 1, 1)
+        # the four on/off columns compared once (one kernel), then taken apart (views)
+        hue_on, _, grey_on, blur_on, _, sol_on = (
+            table[:, width - 6:width] > 0).reshape(n, -1, 1, 1, 1).unbind(1)
         if self.grey_first and ops["grey"]:
-            x = torch.where(grey_on > 0, grey(x), x)
+            x = torch.where(grey_on, grey(x), x)
         hue_at = (len(cols) - 6) // 6 if self.jitter[HUE] else None  # blend slots before it
         hue_done = not ops["hue"]
         for s, use_grey, use_mean in ops["slots"]:
             if not hue_done and s >= hue_at:
-                x, hue_done = torch.where(hue_on > 0, hue(x, hue_f, None), x), True
+                x, hue_done = torch.where(hue_on, hue(x, hue_f, None), x), True
             x = blend_slot(x, *cols[3 * s:3 * s + 3], use_grey, use_mean)
         if not hue_done:
-            x = torch.where(hue_on > 0, hue(x, hue_f, None), x)
+            x = torch.where(hue_on, hue(x, hue_f, None), x)
         if not self.grey_first and ops["grey"]:
-            x = torch.where(grey_on > 0, grey(x), x)
+            x = torch.where(grey_on, grey(x), x)
         if ops["blur"]:  # the whole batch, then select: one conv shape for cuDNN every step
             k1 = table[:, width:] if x.dtype in (torch.uint8, torch.float32) else None
-            x = torch.where(blur_on > 0, gaussian_blur(x, sigma.view(-1), self.kernel, k1), x)
+            x = torch.where(blur_on, gaussian_blur(x, sigma.view(-1), self.kernel, k1), x)
         if ops["solarize"]:
-            x = solarize(x, sol_on > 0, self.solarize_threshold)
+            x = solarize(x, sol_on, self.solarize_threshold)
         return x if ops["grey"] or ops["blur"] or ops["solarize"] or ops["slots"] or ops["hue"] \
             else x.clone()
 
@@ -230,12 +233,14 @@ def blend_slot(x, f, g, m, use_grey=True, use_mean=True):
     y = f * x
     if use_grey or use_mean:
         r, g_, b = x.unbind(dim=-3)  # grey(x)'s first channel
-        gr = (0.2989 * r + 0.587 * g_ + 0.114 * b).to(x.dtype).unsqueeze(-3)
+        gr = 0.2989 * r + 0.587 * g_ + 0.114 * b
+        if not x.is_floating_point():  # its uint8 values (in [0, 255): .to(uint8) truncates),
+            gr = gr.trunc_()  # kept in float32 for the products and the mean: one kernel less
+        gr = gr.unsqueeze(-3)
         if use_grey:
             y = y + g * gr
         if use_mean:
-            dtype = x.dtype if x.is_floating_point() else torch.float32
-            y = y + m * gr.to(dtype).mean(dim=(-3, -2, -1), keepdim=True)
+            y = y + m * gr.mean(dim=(-3, -2, -1), keepdim=True)
     return y.clamp(0, _bound(x)).to(x.dtype)
 
 
@@ -261,7 +266,7 @@ def saturation(x, f, one_minus_f):
 
 def hue(x, f, _):
     """Rotate the hue by f (in turns): RGB -> HSV, h + f mod 1, -> RGB, as torchvision."""
-    y = x if x.is_floating_point() else x.to(torch.float32) / 255.0
+    y = x if x.is_floating_point() else x / 255.0  # uint8 / float: float32, one kernel
     h, s, v = rgb_to_hsv(y)
     h = (h + f.view(-1, 1, 1)) % 1.0
     y = hsv_to_rgb(h, s, v)
@@ -276,8 +281,8 @@ def rgb_to_hsv(x):
     maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
     eqc = maxc == minc  # grey pixels: h = s = 0 (denominators replaced by 1, no NaN)
     cr = maxc - minc
-    s = cr / torch.where(eqc, 1.0, maxc)
-    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / torch.where(eqc, 1.0, cr).unsqueeze(-3)).unbind(-3)
+    s = cr / maxc.masked_fill(eqc, 1.0)  # masked_fill: no scalar tensor made on the device
+    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / cr.masked_fill(eqc, 1.0).unsqueeze(-3)).unbind(-3)
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
 
