@@ -44,33 +44,42 @@ from common import data as cdata
 from common import dist as cdist
 from common import pictures
 from common import train as ctrain
-from common.crop import resize_crop
+from common.crop import nearest_indices, resize_crop
 from common.glands import read_label_map
 from common.masks import FHCache
 from common.models import resnet_maps
 
 
 # ----------------------------------------------------------------------------- mask geometry
-def view_mask(full, box, flip, size):
-    """(H, W) int ids of the whole tile -> (size, size) int64 ids as the view sees them: the
-    view's crop box (x0, y0, x1, y1), nearest resize (the image's sampling grid), mirrored if
-    flipped (official `preprocess_image`)."""
-    crop = Image.fromarray(np.asarray(full, np.int32)).resize(
-        (size, size), Image.NEAREST, box=tuple(float(v) for v in box))
-    out = torch.from_numpy(np.asarray(crop).astype(np.int64))
-    return out.flip(1) if flip else out
+def view_masks(full, boxes, flips, size):
+    """(H, W) int ids of the whole tile -> (V, size, size) ids (numpy, full's dtype) as V views
+    see them: each view's crop box (x0, y0, x1, y1), nearest resize (the image's sampling grid:
+    Pillow's index arithmetic, common.crop; 0 outside the tile), mirrored if flipped (official
+    `preprocess_image`). Two gathers per view: the loader's share, a fifth of PIL round trips."""
+    full, b = np.asarray(full), torch.stack([torch.as_tensor(x).float() for x in boxes])
+    (h, w), n = full.shape, len(b)  # one call for both axes of every view
+    idx = nearest_indices(b[:, :2].T.flatten(), b[:, 2:].T.flatten(), size, max(h, w)).numpy()
+    xs, ys = np.where(idx[:n] < w, idx[:n], -1), np.where(idx[n:] < h, idx[n:], -1)
+    out = []
+    for x, y, flip in zip(xs, ys, flips):
+        x = x[::-1] if flip else x
+        m = full.take(y.clip(0), 0).take(x.clip(0), 1)
+        out.append(np.where((y[:, None] < 0) | (x[None, :] < 0), 0, m) if min(x.min(), y.min()) < 0
+                   else m)
+    return np.stack(out)
 
 
 def cell_labels(mask, grid):
-    """(S, S) ids -> (grid * grid,) id of each C5 cell: the mask covering most of the cell's
-    S/grid x S/grid pixels (one-hot average pooling + argmax, official `create_binary_mask`;
-    ties -> lowest id), so every cell belongs to exactly one mask."""
-    S = mask.shape[0]
-    rows = torch.arange(S) // (S // grid)
-    cell = (rows[:, None] * grid + rows[None, :]).flatten()          # (S*S,) cell of each pixel
-    m = int(mask.max()) + 1
-    counts = torch.bincount(cell * m + mask.flatten(), minlength=grid * grid * m)
-    return counts.view(grid * grid, m).argmax(1)
+    """(..., S, S) ids -> (..., grid * grid) id of each C5 cell: the mask covering most of the
+    cell's S/grid x S/grid pixels (one-hot average pooling + argmax, official
+    `create_binary_mask`; ties -> lowest id), so every cell belongs to exactly one mask."""
+    mask = np.asarray(mask)
+    *lead, S, _ = mask.shape
+    k, m = S // grid, int(mask.max()) + 1
+    cells = mask.reshape(-1, grid, k, grid, k).swapaxes(2, 3).reshape(-1, k * k)  # (N g g, k k)
+    counts = np.bincount((cells + m * np.arange(len(cells))[:, None]).ravel(),
+                         minlength=len(cells) * m)
+    return torch.from_numpy(counts.reshape(*lead, grid * grid, m).argmax(-1))
 
 
 def sample_masks(cells, n):
@@ -193,8 +202,8 @@ class MaskViews(cdata.MultiViewDataset):
                                                       i, tile.shape[:2]))
 
     def add_masks(self, s, i, full, computed):
-        s["cells"] = [cell_labels(view_mask(full, b, f, self.args.img_size), self.grid)
-                      for b, f in zip(s["boxes"], s["flips"])]
+        s["cells"] = list(cell_labels(view_masks(full, s["boxes"], s["flips"], self.args.img_size),
+                                      self.grid))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(cdata.sample_seed(self.seed, self.epoch, i, 1))
             s["ids"] = [sample_masks(c, self.args.num_masks) for c in s["cells"]]
@@ -267,13 +276,13 @@ def save_masks(dataset, indices, path):
                           for v, view in enumerate(dataset.views)]
         tile = pictures.enlarge(cdata.pil_to_uint8(img).permute(1, 2, 0).numpy(), cell)
         row = [(tile, f"tile {i}"), (pictures.paint(tile, full), f"{full.max() + 1} masks")]
-        for v in range(2):
+        masks = view_masks(full, s["boxes"], s["flips"], size)
+        for v, vm in enumerate(masks):
             view = pictures.enlarge(pictures.to_rgb(s["views"][v]), cell)
             cells = s["cells"][v].view(g, g)
             drawn = torch.where(torch.isin(cells, s["ids"][v]), cells, -1).numpy()
             dim = pictures.enlarge(drawn, cell) < 0
             faded = np.where(dim[..., None], view // 3 + 170, view).astype(np.uint8)
-            vm = view_mask(full, s["boxes"][v], s["flips"][v], size).numpy()
             row += [(pictures.paint(view, vm), f"view {v + 1}: {len(np.unique(vm))} masks"),
                     (pictures.paint(faded, drawn), f"view {v + 1}: {len(np.unique(cells))} on the "
                      f"{g}x{g} grid, {len(np.unique(drawn[drawn >= 0]))} drawn")]

@@ -38,7 +38,7 @@ def test_masks_follow_the_view_through_crop_and_flip():
         flips.add(flip)
         src_x, src_y = img[0].long().numpy(), img[1].long().numpy()
         expect = full[src_y, src_x]
-        assert np.array_equal(detcon.view_mask(full, box, flip, 48).numpy(), expect), seed
+        assert np.array_equal(detcon.view_masks(full, [box], [flip], 48)[0], expect), seed
     assert flips == {True, False}
 
 
@@ -52,6 +52,23 @@ def test_cell_labels_against_a_brute_force_count():
             counts = [int((mask[8 * r:8 * r + 8, 8 * c:8 * c + 8] == k).sum()) for k in range(6)]
             assert got[r * 4 + c] == counts.index(max(counts))         # ties: the lowest id
     assert torch.equal(detcon.cell_labels(torch.zeros(32, 32, dtype=torch.long), 4), torch.zeros(16, dtype=torch.long))
+    both = detcon.cell_labels(torch.stack([mask, mask.T + 7]), 4)     # views at once: the same
+    assert torch.equal(both[0], got) and torch.equal(both[1], detcon.cell_labels(mask.T + 7, 4))
+
+
+def test_view_masks_are_pillows_nearest_resize_on_any_box():
+    """Pillow's own resize(NEAREST, box) of the label map, fractional boxes and non-square tiles
+    included (the loader's gathers replace it: common.crop's index arithmetic)."""
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        h, w = rng.integers(20, 120, 2)
+        full = rng.integers(0, 30, (h, w)).astype(np.int32)
+        (x0, x1), (y0, y1) = np.sort(rng.uniform(0, w, 2)), np.sort(rng.uniform(0, h, 2))
+        box, size, flip = (x0, y0, x1 + 1e-3, y1 + 1e-3), int(rng.choice([16, 48, 64])), t % 2 == 1
+        want = np.asarray(Image.fromarray(full).resize((size, size), Image.NEAREST, box=box))
+        got = detcon.view_masks(full, [torch.tensor(box), torch.tensor(box)], [flip, False], size)
+        assert np.array_equal(got[0], want[:, ::-1] if flip else want), t
+        assert np.array_equal(got[1], want), t
 
 
 def test_sampling_only_among_present_masks_uniformly():
