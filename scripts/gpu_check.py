@@ -239,7 +239,8 @@ def step_time(ctx):
     for methods, batch in groups:
         js = ctx["out"] / f"step_time_{batch}.json"
         cmd = [sys.executable, "benchmarks/step_time.py", "--methods", methods, "--json", js]
-        cmd += (["--quick", "--samples", "8", "--data-workers", "1"] if ctx["cpu"] else
+        cmd += (["--quick", "--warmup", "0", "--steps", "1", "--samples", "8", "--data-workers",
+                 "1"] if ctx["cpu"] else
                 ["--batch-size", batch, "--steps", "3", "--samples", "100"])
         rc, out = sh(cmd, ctx["log"], 300 if ctx["cpu"] else 200)
         table = [l for l in out.splitlines() if l.startswith("|")]

@@ -2,6 +2,7 @@
 on one and two processes, averages runs, and refuses bad input in one line."""
 import json
 import runpy
+import signal
 import sys
 
 import pytest
@@ -34,7 +35,7 @@ def test_short_finetune_learns(tmp_path):
     assert len(list((tmp_path / "run0" / "vis").glob("*.png"))) == 2
 
 
-def test_resume_is_exact_and_eval_only_reproduces(tmp_path):
+def test_resume_is_exact_and_eval_only_reproduces(tmp_path, monkeypatch, capsys):
     args = [*TINY, "--max-iters", "6", "--runs", "1", "--log-every", "2"]
     run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "straight")
     p = run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut",
@@ -64,13 +65,13 @@ def test_resume_is_exact_and_eval_only_reproduces(tmp_path):
                nproc=2)
     assert metrics(tmp_path / "cut" / "run0" / "metrics.json") == first
     # other test-time settings would leave metrics that a rerun reports under the training args
-    p = run_script("finetune_maskrcnn.py", *args, "--output-dir", tmp_path / "cut", "--eval-only",
-                   "--img-size", "96", check=False)
-    assert p.returncode == 2 and "was written with --img-size 64, not 96" in p.stderr, p.stderr
+    code, err = run_main([*args, "--output-dir", tmp_path / "cut", "--eval-only", "--img-size",
+                          "96"], monkeypatch, capsys)
+    assert code == 2 and "was written with --img-size 64, not 96" in err, err
     assert metrics(tmp_path / "cut" / "run0" / "metrics.json") == first
 
 
-def test_runs_are_summarised_and_two_processes_train(tmp_path):
+def test_runs_are_summarised_and_two_processes_train(tmp_path, monkeypatch, capsys):
     run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
                "--output-dir", tmp_path, nproc=2)
     per_run = [metrics(tmp_path / f"run{r}" / "metrics.json") for r in range(2)]
@@ -86,31 +87,58 @@ def test_runs_are_summarised_and_two_processes_train(tmp_path):
     p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
                    "--batch-size", "2", "--output-dir", tmp_path)
     assert p.stdout.count("done before") == 2
-    # ... but never reports them under another command's name
-    p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
-                   "--batch-size", "2", "--seed", "1", "--output-dir", tmp_path, check=False)
-    assert p.returncode == 2 and "was written with --seed 0, not 1" in p.stderr, p.stderr
+    # ... but never reports them under another command's name (in this process: run_main)
+    seed1 = [*TINY, "--max-iters", "3", "--runs", "2", "--batch-size", "2", "--seed", "1",
+             "--output-dir", tmp_path]
+    code, err = run_main(seed1, monkeypatch, capsys)
+    assert code == 2 and "was written with --seed 0, not 1" in err, err
     for f in tmp_path.glob("run*/*.pth"):  # weights deleted to save space: metrics still guarded
         f.unlink()
-    p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "3", "--runs", "2",
-                   "--batch-size", "2", "--seed", "1", "--output-dir", tmp_path, check=False)
-    assert p.returncode == 2 and "was written with --seed 0, not 1" in p.stderr, p.stderr
+    code, err = run_main(seed1, monkeypatch, capsys)
+    assert code == 2 and "was written with --seed 0, not 1" in err, err
 
 
-def test_bad_input_one_line(tmp_path):
-    for argv, culprit in ((["--data", "glas"], "--data glas needs --data-root"),
-                          (["--data", "crag", "--data-root", tmp_path / "nope"], "nope"),
-                          (["--data", "glas", "--data-root", tmp_path], "no GlaS layout"),
-                          (["--pretrained", tmp_path / "missing.pth"], "missing.pth"),
-                          (["--schedule", "fast"], "--schedule"),
-                          (["--img-size", "7"], "--img-size 7 (training range 5-7 px): shortest "
-                           "edges must be at least 32 px"),
-                          (["--train-sizes", "16", "40"], "--train-sizes 16 40: shortest edges")):
-        p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "1", *argv,
-                       "--output-dir", tmp_path / "out", check=False)
-        assert p.returncode == 2, p.stderr
-        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], p.stderr
+def run_main(argv, monkeypatch, capsys):
+    """The script's __main__ in this process (no torch import per case, ~6 s of CPU each):
+    -> (exit code, stderr). What a start sets for its process (signal handlers, the seed,
+    common.train's record of the run and of the folder it made) is put back afterwards."""
+    from common import train as ctrain
+    for name in ("_run", "_new_run_folder", "_unfinished_start"):
+        monkeypatch.setattr(ctrain, name, [] if name == "_unfinished_start" else None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["finetune_maskrcnn.py", *map(str, argv)])
+    capsys.readouterr()
+    try:
+        with torch.random.fork_rng():
+            runpy.run_path(str(REPO / "finetune_maskrcnn.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_one_line(tmp_path, monkeypatch, capsys):
+    cases = ((["--data", "glas"], "--data glas needs --data-root"),
+             (["--data", "crag", "--data-root", tmp_path / "nope"], "nope"),
+             (["--data", "glas", "--data-root", tmp_path], "no GlaS layout"),
+             (["--pretrained", tmp_path / "missing.pth"], "missing.pth"),
+             (["--schedule", "fast"], "--schedule"),
+             (["--img-size", "7"], "--img-size 7 (training range 5-7 px): shortest "
+              "edges must be at least 32 px"),
+             (["--train-sizes", "16", "40"], "--train-sizes 16 40: shortest edges"))
+    for i, (argv, culprit) in enumerate(cases):
+        argv = [*TINY, "--max-iters", "1", *argv, "--output-dir", tmp_path / "out"]
+        if i == 0:  # as a user sees it: a fresh process, nothing else on stderr (no warning)
+            p = run_script("finetune_maskrcnn.py", *argv, check=False)
+            code, err = p.returncode, p.stderr
+        else:  # the rest in this process: the same __main__ and its one-line error handling
+            code, err = run_main(argv, monkeypatch, capsys)
+        assert code == 2, err
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], err
 
 
 def test_bad_counts_refused_by_the_script(monkeypatch, capsys):

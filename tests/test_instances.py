@@ -137,8 +137,8 @@ def crop_training_images(root, size=128):
 
 def test_cpm15_nuclei_learn_from_random_init(tmp_path, shared_samples):
     src = shared_samples / "cpm15_nuclei"
-    run_script("-m", "common.glands", "convert-cpm", "--src", src, "--out", tmp_path / "cpm",
-               "--test", "image07")
+    # in this process (the command line is checked above): one torch import fewer
+    assert glands.convert_cpm(src, tmp_path / "cpm", {"image07"}) == {"train": 3, "test": 1}
     crop_training_images(tmp_path / "cpm")
     out = tmp_path / "ft"
     run_script("finetune_maskrcnn.py", "--data", "instances", "--data-root", tmp_path / "cpm",
