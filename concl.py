@@ -377,7 +377,8 @@ def get_args(argv=None):
                    help="g-ConCL, fh-ConCL, b-ConCL, or masks from --concept-dir (bas-ConCL)")
     g.add_argument("--grid-size", type=cli.positive_int, default=5, help="g-ConCL s (best in Table 1)")
     g.add_argument("--fh-scale", type=cli.positive_int, default=500, help="fh-ConCL: scale = min_size = s")
-    g.add_argument("--mask-cache", default=None, help="FH cache folder (default OUTPUT/masks)")
+    g.add_argument("--mask-cache", default=None, help="FH cache folder (default OUTPUT/masks); "
+                   "--fh-input tile with --data-store reads maps packed beside the store first")
     g.add_argument("--fh-input", choices=["reference", "tile"], default="reference",
                    help="fh-ConCL segments the reference view x_r each step, as the paper "
                         "(the released code has no fh-ConCL); tile: FH once per original tile, "

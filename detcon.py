@@ -46,7 +46,7 @@ from common import pictures
 from common import train as ctrain
 from common.crop import nearest_indices, resize_crop
 from common.glands import read_label_map
-from common.masks import FHCache
+from common.masks import FHCache, pack_command
 from common.models import resnet_maps
 
 
@@ -362,7 +362,9 @@ def get_args(argv=None):
     g.add_argument("--fh-min-size", type=cli.positive_int, default=1000, help="FH min_size (D4)")
     g.add_argument("--mask-cache", default=None,
                    help="FH cache folder shared with concl.py, filled beforehand by "
-                        "`python -m common.masks` (default OUTPUT/masks)")
+                        "`python -m common.masks` (default OUTPUT/masks); with --data-store, "
+                        "maps packed beside the store (python -m common.masks --data-store) "
+                        "are read first")
     g.add_argument("--grid-size", type=cli.positive_int, default=5,
                    help="--masks grid: n (5 x 5 best in the paper's Fig. 7)")
     g.add_argument("--mask-dir", default=None,
@@ -434,9 +436,10 @@ def main():
         cached = sum(dataset.fh.has(k) for k in keys)
         where = (f"packed in --data-store {args.data_store}" if dataset.fh.packed is not None
                  else f"cache {dataset.fh.folder}")
-        run.print(f"FH maps ({where}): {cached} of {len(keys)} tiles cached"
-                  + ("" if cached == len(keys) else "; the rest are computed in the loader "
-                     "(precompute: python -m common.masks ... --mask-cache DIR)"))
+        how = (pack_command(args.data_store, args.fh_scale, args.fh_min_size) if args.data_store
+               else "python -m common.masks ... --mask-cache DIR")
+        run.print(f"FH maps ({where}): {cached} of {len(keys)} tiles cached" + (
+            "" if cached == len(keys) else f"; the rest are computed in the loader (precompute: {how})"))
     if run.main and args.vis_tiles and trainer.epoch == 0 and trainer.step == 0:
         print(save_masks(dataset, range(min(args.vis_tiles, len(dataset))), run.out / "masks.png"))
     ddp_model = run.wrap(model)
