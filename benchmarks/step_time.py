@@ -485,7 +485,7 @@ def tiles(folder, n=64):
     return paths, source
 
 
-def device_executor(dataset, device, n=64):
+def device_executor(dataset, device, n=64, reps=3):
     """--device-aug's executor: ms per sample (both views) of the photometric ops, batched."""
     from torch.utils.data import default_collate
     from common.augment import DeviceAugment
@@ -496,10 +496,10 @@ def device_executor(dataset, device, n=64):
     sync(device)
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     t = clock()
-    for _ in range(3):
+    for _ in range(reps):
         aug(batch)
     sync(device)
-    return 1000 * (clock() - t) / 3 / n
+    return 1000 * (clock() - t) / reps / n
 
 
 def loader_rate(dataset, workers, samples, batch=32):
@@ -552,7 +552,8 @@ def data_pipeline(a, device=torch.device("cpu")):
         # --device-aug: the workers decode, crop, flip and draw the parameters (uint8 out); the
         # photometric ops run batched on the device (common.augment)
         dev = cdata.MultiViewDataset(cdata.ImageList(paths, [0] * len(paths), ["x"]), [view, view])
-        res["device_exec_ms"] = device_executor(dev, device)  # sets dev.device_aug
+        res["device_exec_ms"] = device_executor(  # sets dev.device_aug
+            dev, device, *((8, 1) if a.quick else (64, 3)))
         res["device_loader_ms"] = per_sample(lambda i: dev[i % len(dev)])
         res["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, one core"
         res["workers"] = a.data_workers
