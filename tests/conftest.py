@@ -34,11 +34,52 @@ def run_script(*argv, nproc=1, timeout=600, check=True, env=None):
     return p
 
 
+def run_main(script, argv, monkeypatch, capsys):
+    """`python SCRIPT ARGV...`'s __main__ run in this process, for a start that must be refused:
+    no interpreter and torch import per case (~6 s of CPU each). -> (exit code, stderr). What a
+    start sets for its process (signal handlers, the seed, common.train's record of the run and
+    of the folder it made) is put back afterwards. Keep one refusal per script in a fresh
+    process (run_script), as a user sees it."""
+    import runpy
+    import signal
+
+    from common import train as ctrain
+    for name in ("_run", "_new_run_folder", "_unfinished_start"):
+        monkeypatch.setattr(ctrain, name, [] if name == "_unfinished_start" else None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    capsys.readouterr()
+    try:
+        with torch.random.fork_rng():
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Models run inside the pytest process too: one thread each keeps a loaded 2-core machine
     from thrashing (and matches the subprocesses, which get OMP_NUM_THREADS=1)."""
     torch.set_num_threads(1)
+
+
+# moco.py on two processes (gloo), 3 epochs of 2 steps, uninterrupted: the reference that both
+# test_cluster's SIGTERM test and test_moco_runs' two-process resume test must reproduce (one
+# torchrun run for the two; the monitor runs after the last epoch, as by default)
+MOCO_TWO = ["moco.py", "--data", "demo", "--demo-size", "16", "--img-size", "32", "--queue-size",
+            "64", "--batch-size", "4", "--epochs", "3", "--workers", "1"]
+
+
+@pytest.fixture(scope="session")
+def moco_two_reference(tmp_path_factory):
+    """(folder, stdout) of the uninterrupted MOCO_TWO run."""
+    out = tmp_path_factory.mktemp("moco_two") / "ref"
+    return out, run_script(*MOCO_TWO, "--output-dir", out, nproc=2).stdout
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, run_main, run_script
 
 SCRIPTS = [s for s in ("simclr", "moco", "byol", "densecl", "pcl", "detcon", "concl", "mcl",
                        "pixcon", "finetune_maskrcnn", "linear_probe") if (REPO / f"{s}.py").exists()]
@@ -79,11 +79,11 @@ def test_every_count_flag_refuses_what_cannot_be_meant(script, monkeypatch, caps
     capsys.readouterr()
 
 
-def test_epochs_zero_is_one_line_and_no_folder(tmp_path):
-    p = run_script("moco.py", "--data", "demo", "--epochs", "0", "--output-dir", tmp_path / "r",
-                   check=False)
-    assert p.returncode == 2 and not (tmp_path / "r").exists()
-    assert p.stderr.strip().splitlines()[-1] == \
+def test_epochs_zero_is_one_line_and_no_folder(tmp_path, monkeypatch, capsys):
+    code, err = run_main("moco.py", ["--data", "demo", "--epochs", "0", "--output-dir",
+                                     tmp_path / "r"], monkeypatch, capsys)  # in this process
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert err.strip().splitlines()[-1] == \
         "moco.py: error: argument --epochs: expected a whole number >= 1, got '0'"
 
 
@@ -91,17 +91,18 @@ TINY = ["--data", "demo", "--demo-size", "16", "--batch-size", "8", "--img-size"
         "--queue-size", "16", "--workers", "0", "--epochs", "1", "--knn-every", "0"]
 
 
-def test_a_run_folder_belongs_to_the_script_that_made_it(tmp_path):
+def test_a_run_folder_belongs_to_the_script_that_made_it(tmp_path, monkeypatch, capsys):
     run_script("moco.py", *TINY, "--output-dir", tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert json.loads((tmp_path / "args.json").read_text())["script"] == "moco"
-    p = run_script("concl.py", *TINY, "--output-dir", tmp_path, check=False)
-    assert p.returncode == 2
-    assert p.stderr.strip().splitlines()[-1] == \
+    # the refusals in this process (conftest.run_main): the same __main__, no import per case
+    code, err = run_main("concl.py", [*TINY, "--output-dir", tmp_path], monkeypatch, capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == \
         f"error: {tmp_path} holds a moco run; choose another --output-dir"
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing touched
     old = tmp_path.parent / (tmp_path.name + "-old")  # a folder from before the record existed
     old.mkdir()
     (old / "args.json").write_text(json.dumps({"arch": "resnet18"}))
-    p = run_script("moco.py", *TINY, "--output-dir", old, check=False)
-    assert p.returncode == 2 and "predates this version" in p.stderr
+    code, err = run_main("moco.py", [*TINY, "--output-dir", old], monkeypatch, capsys)
+    assert code == 2 and "predates this version" in err

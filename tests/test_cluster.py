@@ -17,7 +17,7 @@ from common import data as cdata
 from common import dist as cdist
 from common import train as ctrain
 from scripts.gpu_check import process_tree as tree
-from tests.conftest import REPO, free_port, run_script
+from tests.conftest import MOCO_TWO, REPO, free_port, run_script
 
 TINY = ["--data", "demo", "--demo-size", "16", "--img-size", "32", "--queue-size", "64",
         "--knn-every", "0"]
@@ -261,13 +261,12 @@ def test_node_local_folders_are_refused_and_headers_are_read_once_per_node(tmp_p
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
-def test_sigterm_to_every_process_under_torchrun_stops_once_and_resumes_exactly(tmp_path):
+def test_sigterm_to_every_process_under_torchrun_stops_once_and_resumes_exactly(
+        moco_two_reference, tmp_path):
     """A scheduler's pre-emption: SIGTERM to the agent, both ranks and their loader workers, and
     the agent forwards it once more. One stop after the current step on every rank, a
     checkpoint at that step, and the rerun ends where an uninterrupted run ends."""
-    two = ["moco.py", *TINY, "--batch-size", "4", "--epochs", "3", "--workers", "1"]
-    ref = tmp_path / "ref"
-    run_script(*two, "--output-dir", ref, nproc=2)
+    two, (ref, _) = MOCO_TWO, moco_two_reference
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", *two, "--output-dir", str(cut)]

@@ -2,13 +2,12 @@
 on one and two processes, averages runs, and refuses bad input in one line."""
 import json
 import runpy
-import signal
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, run_main, run_script
 
 # Small and quick: 64 px fields, one image per step, a few iterations.
 TINY = ["--data", "demo", "--demo-size", "8", "--img-size", "64", "--batch-size", "1",
@@ -65,8 +64,9 @@ def test_resume_is_exact_and_eval_only_reproduces(tmp_path, monkeypatch, capsys)
                nproc=2)
     assert metrics(tmp_path / "cut" / "run0" / "metrics.json") == first
     # other test-time settings would leave metrics that a rerun reports under the training args
-    code, err = run_main([*args, "--output-dir", tmp_path / "cut", "--eval-only", "--img-size",
-                          "96"], monkeypatch, capsys)
+    code, err = run_main("finetune_maskrcnn.py", [*args, "--output-dir", tmp_path / "cut",
+                                                  "--eval-only", "--img-size", "96"],
+                         monkeypatch, capsys)
     assert code == 2 and "was written with --img-size 64, not 96" in err, err
     assert metrics(tmp_path / "cut" / "run0" / "metrics.json") == first
 
@@ -90,34 +90,12 @@ def test_runs_are_summarised_and_two_processes_train(tmp_path, monkeypatch, caps
     # ... but never reports them under another command's name (in this process: run_main)
     seed1 = [*TINY, "--max-iters", "3", "--runs", "2", "--batch-size", "2", "--seed", "1",
              "--output-dir", tmp_path]
-    code, err = run_main(seed1, monkeypatch, capsys)
+    code, err = run_main("finetune_maskrcnn.py", seed1, monkeypatch, capsys)
     assert code == 2 and "was written with --seed 0, not 1" in err, err
     for f in tmp_path.glob("run*/*.pth"):  # weights deleted to save space: metrics still guarded
         f.unlink()
-    code, err = run_main(seed1, monkeypatch, capsys)
+    code, err = run_main("finetune_maskrcnn.py", seed1, monkeypatch, capsys)
     assert code == 2 and "was written with --seed 0, not 1" in err, err
-
-
-def run_main(argv, monkeypatch, capsys):
-    """The script's __main__ in this process (no torch import per case, ~6 s of CPU each):
-    -> (exit code, stderr). What a start sets for its process (signal handlers, the seed,
-    common.train's record of the run and of the folder it made) is put back afterwards."""
-    from common import train as ctrain
-    for name in ("_run", "_new_run_folder", "_unfinished_start"):
-        monkeypatch.setattr(ctrain, name, [] if name == "_unfinished_start" else None)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, "argv", ["finetune_maskrcnn.py", *map(str, argv)])
-    capsys.readouterr()
-    try:
-        with torch.random.fork_rng():
-            runpy.run_path(str(REPO / "finetune_maskrcnn.py"), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return code, capsys.readouterr().err
 
 
 def test_bad_input_one_line(tmp_path, monkeypatch, capsys):
@@ -135,7 +113,7 @@ def test_bad_input_one_line(tmp_path, monkeypatch, capsys):
             p = run_script("finetune_maskrcnn.py", *argv, check=False)
             code, err = p.returncode, p.stderr
         else:  # the rest in this process: the same __main__ and its one-line error handling
-            code, err = run_main(argv, monkeypatch, capsys)
+            code, err = run_main("finetune_maskrcnn.py", argv, monkeypatch, capsys)
         assert code == 2, err
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], err
@@ -160,12 +138,12 @@ def test_bad_counts_refused_by_the_script(monkeypatch, capsys):
             and err[-1].endswith(f"got '{bad}'") and err[0].startswith("usage:"), (argv, err)
 
 
-def test_a_pre_training_folder_is_refused(tmp_path):
+def test_a_pre_training_folder_is_refused(tmp_path, monkeypatch, capsys):
     # a folder a moco.py run made (its args.json names the script) is not the fine-tuner's
     (tmp_path / "args.json").write_text(json.dumps({"script": "moco", "arch": "resnet18"}))
     (tmp_path / "backbone.pth").write_bytes(b"weights")
-    p = run_script("finetune_maskrcnn.py", *TINY, "--max-iters", "1", "--output-dir", tmp_path,
-                   check=False)
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        f"error: {tmp_path} holds a moco run; choose another --output-dir"], p.stderr
+    code, err = run_main("finetune_maskrcnn.py", [*TINY, "--max-iters", "1", "--output-dir",
+                                                  tmp_path], monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {tmp_path} holds a moco run; choose another --output-dir"], err
     assert sorted(q.name for q in tmp_path.iterdir()) == ["args.json", "backbone.pth"]

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tests.conftest import REPO, run_script
+from tests.conftest import MOCO_TWO, REPO, run_main, run_script
 
 TINY = ["--data", "demo", "--demo-size", "24", "--batch-size", "8", "--img-size", "64",
         "--queue-size", "64", "--workers", "1"]
@@ -100,15 +100,14 @@ def test_killed_run_resumes_to_identical_weights(reference, tmp_path, sig):
     assert same_weights(backbone(tmp_path), backbone(reference))
 
 
-def test_two_processes_gloo_and_resume(tmp_path):
-    two = ["moco.py", *TINY, "--batch-size", "4", "--epochs", "2"]
-    ref = tmp_path / "ref"
-    p = run_script(*two, "--output-dir", ref, nproc=2)
-    assert "global batch 8 = 2 x 4" in p.stdout
-    assert len(log(ref)) == 2
+def test_two_processes_gloo_and_resume(moco_two_reference, tmp_path):
+    ref, stdout = moco_two_reference  # the uninterrupted run test_cluster's SIGTERM test shares
+    assert "global batch 8 = 2 x 4" in stdout and "2 steps/epoch" in stdout
+    assert len(log(ref)) == 3 and "knn_accuracy" in log(ref)[-1]
     cut = tmp_path / "cut"
-    run_script(*two, "--output-dir", cut, "--stop-after-steps", "2", nproc=2)
-    run_script(*two, "--output-dir", cut, nproc=2)
+    p = run_script(*MOCO_TWO, "--output-dir", cut, "--stop-after-steps", "3", nproc=2)
+    assert "stopped by --stop-after-steps at epoch 1 step 1" in p.stdout  # inside an epoch
+    run_script(*MOCO_TWO, "--output-dir", cut, nproc=2)
     assert same_weights(backbone(cut), backbone(ref))
     # the interrupted epoch's line too: every rank's partial sums came back (not rank 0's twice)
     timing = ("img_per_s", "data_time", "step_time_s")
@@ -130,10 +129,11 @@ def one_error_line(p):
     return lines[0]
 
 
-def test_bad_input_gives_one_clear_line(tmp_path):
-    p = run_script("moco.py", "--data", "nct", "--data-root", tmp_path / "missing",
-                   "--output-dir", tmp_path / "o", check=False)
-    assert "--data-root" in one_error_line(p) and "does not exist" in p.stderr
+def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, capsys):
+    code, err = run_main("moco.py", ["--data", "nct", "--data-root", tmp_path / "missing",
+                                     "--output-dir", tmp_path / "o"], monkeypatch, capsys)
+    assert "--data-root" in one_error_line(subprocess.CompletedProcess([], code, "", err)) \
+        and "does not exist" in err  # in this process; the next two are fresh processes
     (tmp_path / "imgs").mkdir()
     for i in range(10):
         Image.fromarray(np.full((72, 72, 3), 20 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pcl
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, run_main, run_script
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -271,10 +271,12 @@ def test_kill_and_resume_is_bit_identical(single, tmp_path):
     (["--num-clusters", "12", "30"], "--num-clusters 30: more clusters than the 24 training tiles"),
     (["--num-clusters", "12", "16", "--pcl-r", "5"], "--pcl-r 5 exceeds the negatives available"),
 ])
-def test_counts_the_data_cannot_hold_fail_clearly(tmp_path, flags, culprit):
-    p = run_script(*TINY, *flags, "--output-dir", tmp_path / "bad", check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2 and culprit in last and "--num-clusters 48 96 --pcl-r 16" in last
+def test_counts_the_data_cannot_hold_fail_clearly(tmp_path, flags, culprit, monkeypatch, capsys):
+    # pcl.py's __main__ in this process (conftest.run_main): no torch import per case
+    code, err = run_main(TINY[0], [*TINY[1:], *flags, "--output-dir", tmp_path / "bad"],
+                         monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and culprit in last and "--num-clusters 48 96 --pcl-r 16" in last
     assert not (tmp_path / "bad").exists()
 
 
