@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -41,7 +40,8 @@ from common import glands
 from common import train as ctrain
 from common.data import DataError, sample_seed, worker_init
 from common.detection import (DETECTORS, IterationSampler, build_detector, detection_lr,
-                              evaluate, mean_std, param_groups, precise_bn, set_mode)
+                              draw_predictions, evaluate, mean_std, param_groups, precise_bn,
+                              set_mode)
 from common.models import ARCHS, load_pretrained
 
 # The official configs (ConCL benchmarks/detection/configs/{GlaS,CRAG}/*_R_18_FPN_1x.yaml):
@@ -327,34 +327,12 @@ def score_run(args, run, r, out, model, test_set):
         run.print(f"run {r}: " + "  ".join(f"{t} AP {m['AP']} AP50 {m['AP50']} AP75 {m['AP75']}"
                                            for t, m in metrics.items() if "AP" in m))
         if args.vis:
-            draw(model, test_set, out / "vis", args.vis, run.device)
+            draw_predictions(model, test_set, out / "vis", args.vis, run.device)
     cdist.barrier()
     return metrics
 
 
 @torch.no_grad()
-def draw(model, test_set, folder, n, device, score=0.5):
-    """Predicted outlines (score >= 0.5) over the ground truth, with a legend
-    (glands.draw_detections). RetinaNet: box outlines."""
-    folder.mkdir(exist_ok=True)
-    set_mode(model, False)
-    for i in range(min(n, len(test_set))):
-        image, target = test_set[i]
-        o = ctrain.unwrap(model)([image.to(device).float().div_(255)])[0]
-        rgb = image.permute(1, 2, 0).numpy()
-        keep = (o["scores"] >= score) & (o["labels"] == 1)  # RetinaNet also scores label 0
-        if "masks" in o:
-            pred = (o["masks"][keep, 0] > 0.5).cpu().numpy()
-        else:  # RetinaNet: boxes as filled outlines
-            pred = np.zeros((int(keep.sum()), *rgb.shape[:2]), bool)
-            for j, (x0, y0, x1, y1) in enumerate(o["boxes"][keep].round().int().tolist()):
-                pred[j, y0:y1, x0:x1] = True
-        picture = glands.draw_detections(rgb, target["masks"].numpy().astype(bool), pred,
-                                         o["boxes"][keep].tolist(), o["scores"][keep].tolist(),
-                                         score)
-        picture.save(folder / f"{target.get('name', i)}.png")
-
-
 def flat(metrics, prefix=()):
     """{"bbox": {"AP": ..}, "testA": {"bbox": {..}}} -> {(t, k) or (group, t, k): value}."""
     out = {}

@@ -1,6 +1,6 @@
 """The detection fine-tuner's parts: the torchvision detectors configured as the ConCL
-benchmark's Detectron2 configs, an iteration-based resumable batch sampler, precise BN, and COCO
-evaluation with pycocotools.
+benchmark's Detectron2 configs, an iteration-based resumable batch sampler, precise BN, COCO
+evaluation with pycocotools, and pictures of the predictions.
 
 Detectron2 -> torchvision, as ConCL's `benchmarks/detection/configs/{GlaS,CRAG}/*_R_18_FPN_1x*.yaml`
 (on top of Detectron2's Base-RCNN-FPN and defaults):
@@ -58,6 +58,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from tqdm import tqdm
 
 from common import dist as cdist
+from common import glands
 from common.data import IMAGENET_MEAN, IMAGENET_STD, sample_seed
 from common.models import resnet
 from common.train import unwrap
@@ -397,6 +398,28 @@ def evaluate(model, dataset, device, masks=True, desc="test", groups=None, max_d
         metrics[name] = coco_metrics([g for g in gts if g["image_id"] in keep],
                                      [p for p in preds if p["image_id"] in keep], types, max_dets)
     return metrics
+
+
+def draw_predictions(model, test_set, folder, n, device, score=0.5):
+    """The first n test images as folder/<name>.png: predicted outlines (score >= 0.5) over the
+    ground truth, with a legend (glands.draw_detections). RetinaNet: box outlines."""
+    folder.mkdir(exist_ok=True)
+    set_mode(model, False)
+    for i in range(min(n, len(test_set))):
+        image, target = test_set[i]
+        o = unwrap(model)([image.to(device).float().div_(255)])[0]
+        rgb = image.permute(1, 2, 0).numpy()
+        keep = (o["scores"] >= score) & (o["labels"] == 1)  # RetinaNet also scores label 0
+        if "masks" in o:
+            pred = (o["masks"][keep, 0] > 0.5).cpu().numpy()
+        else:  # RetinaNet: boxes as filled outlines
+            pred = np.zeros((int(keep.sum()), *rgb.shape[:2]), bool)
+            for j, (x0, y0, x1, y1) in enumerate(o["boxes"][keep].round().int().tolist()):
+                pred[j, y0:y1, x0:x1] = True
+        picture = glands.draw_detections(rgb, target["masks"].numpy().astype(bool), pred,
+                                         o["boxes"][keep].tolist(), o["scores"][keep].tolist(),
+                                         score)
+        picture.save(folder / f"{target.get('name', i)}.png")
 
 
 def mean_std(values):
