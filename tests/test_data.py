@@ -336,3 +336,34 @@ def test_views_the_words_cannot_draw_take_the_torch_calls(monkeypatch):
         assert not cdata._words_agree() and not cdata._fast_views([v, v])
     finally:
         cdata._words_agree.cache_clear()
+
+
+def test_device_crop_hands_a_writable_tile_to_collate_uncopied():
+    """--device-crop's sample: a writable tile (the store's copy-on-write map) is the sample's
+    tile itself (collate's stack is the one copy); a read-only one is copied (torch cannot take
+    it), with the same pixels either way; the collated batch equals the tiles."""
+    tiles = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+
+    class Base:
+        targets = [0, 1, 2, 3]
+
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __len__(self):
+            return len(self.arr)
+
+        def tile(self, i):
+            return self.arr[i]
+
+    import moco
+    frozen = tiles.copy()
+    frozen.flags.writeable = False
+    for arr, shared in ((tiles, True), (frozen, False)):
+        ds = cdata.MultiViewDataset(Base(arr), [moco.augmentation("v2", 16)] * 2)
+        ds.device_crop = ds.device_aug = True
+        s = ds[2]
+        assert np.array_equal(s["tile"].numpy(), tiles[2])
+        assert (s["tile"].data_ptr() == arr[2].ctypes.data) == shared
+        batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+        assert torch.equal(batch["tile"], torch.from_numpy(tiles))
