@@ -673,7 +673,8 @@ def _seed3(seed, epoch, i):
 # the first high; randint(0, n): w mod n; randperm(4): three words, a swap each. Doing that here
 # draws the same numbers as the torch calls (tests/test_data.py, seed for seed) without their
 # per-call overhead, and leaves torch's generator alone (no fork_rng). Only exp stays a torch
-# call: its float32 rounding is the library's.
+# call: its float32 rounding is the library's. Module state (the generator, exp's tensor): one
+# thread draws per process, as in the loader's workers and a worker-less main process.
 _MT = np.random.MT19937()
 _MT_SEED = np.random.RandomState(_MT).seed  # legacy seeding: manual_seed's state
 _F32 = struct.Struct("<f")
@@ -841,9 +842,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return sample
 
     def draw_params(self, tile, i):
-        """--device-crop: augment()'s random numbers for the stored tile (H, W, 3) (a read-only
-        view of the store: its shape is all this needs), drawn exactly as augment() draws them,
-        without pixels: {"boxes", "flips", "photo", "geo"}. A method whose augment() builds
+        """--device-crop: augment()'s random numbers for the stored tile (H, W, 3) (a view of
+        the store: its shape is all this needs), the same numbers augment() draws, without
+        pixels: {"boxes", "flips", "photo", "geo"}. Plain Views take _draw_views (the torch
+        generator's words read in Python: a fraction of the torch calls' cost, torch's RNG
+        untouched); others the torch calls under fork_rng. A method whose augment() builds
         more per sample (a reference box, masks) extends this in its own file too."""
         seed = sample_seed(self.seed, self.epoch, i)
         if _fast_views(self.views):  # the same numbers, read from the generator's words here
