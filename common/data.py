@@ -741,10 +741,10 @@ def _fast_views(views):
     draw_params of their own) whose photometric ops are a description with `vector` or none
     drawn, default dtype float32 (crop_box's tensors), and this torch's kernels draw as
     _draw_views reads them (_words_agree)."""
-    return torch.get_default_dtype() == torch.float32 and _words_agree() and all(
+    return torch.get_default_dtype() == torch.float32 and all(
         type(v).draw_params is View.draw_params and v.geometric is None
         and (not hasattr(v.photometric, "sample") or hasattr(v.photometric, "vector"))
-        for v in views)
+        for v in views) and _words_agree()
 
 
 def _draw_views(views, size, seed):
