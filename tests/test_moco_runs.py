@@ -2,6 +2,7 @@
 resume, the backbone export, and the one-line errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,11 +66,20 @@ def test_backbone_loads_into_torchvision_resnet18_missing_only_fc(reference):
     assert not same_weights(backbone(reference), torchvision.models.resnet18().state_dict())
 
 
-def test_preempted_run_resumes_to_identical_weights(reference, tmp_path):
-    # "SIGTERM" after 4 steps: epoch 1, step 1 -> mid-epoch checkpoint, exit, rerun.
-    p = run_script("moco.py", *TINY, "--epochs", "3", "--output-dir", tmp_path,
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """(folder, stdout) of the reference's command stopped after 4 steps ("SIGTERM" at epoch 1,
+    step 1: a mid-epoch checkpoint), left as it stopped; tests work on copies of it."""
+    out = tmp_path_factory.mktemp("preempted") / "run"
+    p = run_script("moco.py", *TINY, "--epochs", "3", "--output-dir", out,
                    "--stop-after-steps", "4")
-    assert "stopped by --stop-after-steps at epoch 1 step 1" in p.stdout
+    return out, p.stdout
+
+
+def test_preempted_run_resumes_to_identical_weights(reference, preempted, tmp_path):
+    # "SIGTERM" after 4 steps: epoch 1, step 1 -> mid-epoch checkpoint, exit, rerun.
+    shutil.copytree(preempted[0], tmp_path, dirs_exist_ok=True)
+    assert "stopped by --stop-after-steps at epoch 1 step 1" in preempted[1]
     assert not (tmp_path / "backbone.pth").exists() or len(log(tmp_path)) == 1
     p = run_script("moco.py", *TINY, "--epochs", "3", "--output-dir", tmp_path)
     assert "resumed from" in p.stdout and "epoch 1, step 1" in p.stdout
@@ -153,9 +163,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "unreadable images skipped" in p.stdout and log(tmp_path / "o4")[0]["skipped"] >= 1
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    run_script("moco.py", *TINY, "--epochs", "3", "--output-dir", tmp_path,
-               "--stop-after-steps", "4")  # a checkpoint at epoch 1, step 1
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(preempted, tmp_path):
+    shutil.copytree(preempted[0], tmp_path, dirs_exist_ok=True)  # a checkpoint at epoch 1, step 1
     before = (tmp_path / "checkpoint.pth").read_bytes()
     p = run_script("moco.py", *TINY, "--epochs", "3", "--output-dir", tmp_path, "--lr", "1e38",
                    check=False)
