@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue 23): every CUDA-only path once, in one call of at most ~10
 # minutes on one GPU (no network needed). Writes $OUT/gpu_check.json and $OUT/gpu_check.log
-# (OUT defaults to ./gpu_check_out). Phases and what each asserts: scripts/gpu_check.py.
+# (OUT defaults to ./gpu_check_out). Phases and what each asserts: scripts/gpu_check.py; then the
+# device crop's check (scripts/gpu_check_crop.py: $OUT/gpu_check_crop.json and .log).
 #
 #   bash scripts/gpu_check.sh          # on the GPU machine
 #   bash scripts/gpu_check.sh --cpu    # the same, shrunk, on the CPU (the test suite runs this)
@@ -23,4 +24,11 @@ if ! "$PY" -c "import pycocotools" 2>/dev/null; then
   fi
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$PY" scripts/gpu_check.py "$OUT" "$@"
+"$PY" scripts/gpu_check.py "$OUT" "$@"
+rc=$?
+if [ "${1:-}" != "--cpu" ]; then  # the device crop (issue 25); tests/test_crop.py runs its --cpu mode
+  "$PY" scripts/gpu_check_crop.py --json "$OUT/gpu_check_crop.json" 2>&1 | tee "$OUT/gpu_check_crop.log"
+  crop_rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] && rc=$crop_rc
+fi
+exit "$rc"
