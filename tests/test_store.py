@@ -175,12 +175,25 @@ def test_a_broken_or_stale_store_is_one_line_naming_what_to_rerun(tiny_store, tm
     assert not (tmp_path / "mixed.store").exists()
 
 
-def test_device_crop_draws_the_files_numbers_and_gives_their_pixels(tiny_store):
-    """--device-crop from the store against --device-aug from the files: the same boxes, flips
-    and photometric parameters per sample; the same images once the device ran its ops
-    (float64 crop = Pillow's), with 0 or 2 workers."""
+def _method_views(name):
+    """The View lists the plain-View methods train with (DenseCL and PCL take MoCo v2's)."""
+    import mcl
+    import simclr
+    return {"byol": lambda: list(byol.augmentations(48, blur_kernel=23)),
+            "moco_v1": lambda: [moco.augmentation("v1", 48)] * 2,
+            "simclr": lambda: [simclr.augmentation("simclr", 48)] * 2,
+            "mcl": lambda: mcl.augmentations(48, 2)}[name]()
+
+
+@pytest.mark.parametrize("method", ["byol", "moco_v1", "simclr", "mcl"])
+def test_device_crop_draws_the_files_numbers_and_gives_their_pixels(tiny_store, method):
+    """--device-crop from the store against --device-aug from the files, for each plain-View
+    method's views (MoCo v2's, DenseCL's and PCL's run in test_augment; ConCL, DetCon, PixCon
+    and SimCLR histo in their files): the same boxes, flips and photometric parameters per
+    sample; the same images once the device ran its ops (float64 crop = Pillow's), with 0 or 2
+    workers (BYOL only: the workers' path is the same for every view list)."""
     src, out = tiny_store
-    views = list(byol.augmentations(48, blur_kernel=23))
+    views = _method_views(method)
     files = cdata.MultiViewDataset(cdata.folder_dataset(src), views, seed=2)
     st = cdata.StoreTiles(out)
     st.device_crop = True  # as --device-crop sets it (store_dataset)
@@ -191,9 +204,9 @@ def test_device_crop_draws_the_files_numbers_and_gives_their_pixels(tiny_store):
     dev = A.DeviceAugment(tiles, torch.device("cpu"))
     assert tiles.device_crop and not files.device_crop
     s = tiles[0]
-    assert "views" not in s and s["tile"].shape == (64, 64, 3)
+    assert "views" not in s and s["tile"].shape == (64, 64, 3) and len(s["boxes"]) == len(views)
     want = [ref(default_collate([files[i] for i in range(8 * b, 8 * b + 8)])) for b in (0, 1)]
-    for w in (0, 2):
+    for w in ((0, 2) if method == "byol" else (0,)):
         for b, batch in enumerate(torch.utils.data.DataLoader(tiles, batch_size=8, num_workers=w)):
             fb = default_collate([files[i] for i in range(8 * b, 8 * b + 8)])
             for k in ("boxes", "flips", "photo"):
