@@ -86,7 +86,7 @@ class Photometric:
     def vector(self, u, order):
         """sample()'s vector from its draws: 9 uniforms in [0, 1) and a permutation of 4 (the
         --device-crop loader draws these itself from the same generator words:
-        common.data._draw_views)."""
+        common.draws.draw_views)."""
         (b, db), (c, dc), (s, ds), (h, dh), (g, dg) = self._spans  # lo + (hi - lo) u each
         return torch.from_numpy(np.array((  # numpy: a quarter of torch.tensor's cost
             float(u[0] < self.jitter_p), *order, b + db * u[4], c + dc * u[5], s + ds * u[6],

@@ -10,16 +10,15 @@ ops are described per view by common.augment.Photometric and run here, per image
 --device-aug batched on the training device from parameters drawn here. With a tile store
 (--data-store, packed by common.store) and --device-crop, the loader only gathers the stored
 tiles and draws every view's numbers; common.augment crops (common.crop) and augments on the
-device. The data path reads one way: files or store -> parameters (here) -> device views
-(common.augment, common.crop); this module imports neither.
+device. The data path reads one way: files or store -> parameters (here; the seeds, boxes and
+the loader's fast draws are common.draws) -> device views (common.augment, common.crop); this
+module imports neither of the last two.
 """
 import atexit
 import functools
 import json
-import math
 import multiprocessing
 import signal
-import struct
 import sys
 import zlib
 from pathlib import Path
@@ -30,6 +29,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
 from common import dist as cdist
+from common.draws import crop_box, draw_views, sample_seed
 from common.cli import nonneg_int, positive_int
 
 # Our label order (alphabetical, as MedMNIST, eva and the Zenodo folders); ConCL's lists use
@@ -506,45 +506,6 @@ class Solarize:
         return T.functional.solarize(img, self.threshold)
 
 
-def crop_box(height, width, scale, ratio):
-    """RandomResizedCrop's box -> (top, left, h, w), drawn with the same torch calls in the same
-    order as T.RandomResizedCrop.get_params (so the same numbers from the same seed: tested),
-    without its per-call overhead (API logging, size probing, the log of the ratio range as a
-    new tensor each call), which matter once the loader does little else."""
-    area = height * width
-    log_lo, log_hi = _log_ratio(tuple(ratio))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = torch.empty(1).uniform_(log_lo, log_hi).exp_().item()
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,)).item()
-            return top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w
-    return _centre_box(height, width, ratio)
-
-
-def _centre_box(height, width, ratio):
-    """RandomResizedCrop after ten misses: the centred crop of the aspect ratio clamped to the
-    range (no draws)."""
-    if width / height < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-_LOG_RATIO = {}
-
-
-def _log_ratio(ratio):
-    """The float32 logs of a ratio range, as get_params computes them (cached)."""
-    if ratio not in _LOG_RATIO:
-        _LOG_RATIO[ratio] = tuple(float(v) for v in torch.log(torch.tensor(ratio)))
-    return _LOG_RATIO[ratio]
-
-
 class View:
     """One augmented view: RandomResizedCrop and horizontal flip with their geometry recorded,
     any further geometric ops (`geometric`, on the PIL view: SimCLR histo's rotations), then the
@@ -613,102 +574,6 @@ class View:
                 f"photometric={self.photometric})")
 
 
-def sample_seed(*keys):
-    """A 63-bit seed from a tuple of integers (seed, epoch, index, ...): numpy's
-    SeedSequence(keys).generate_state(2, uint64)[0] >> 1. The loader's (seed, epoch, index) of
-    32-bit numbers takes `_seed3`, the same hash in Python at a third of the cost."""
-    keys = [int(k) for k in keys]
-    if len(keys) == 3 and all(0 <= k <= _M32 for k in keys):
-        return _seed3(*keys)
-    return int(np.random.SeedSequence(keys).generate_state(2, np.uint64)[0] >> 1)
-
-
-# SeedSequence's hash of three 32-bit words, unrolled (numpy's bit_generator.pyx: a pool of 4
-# words, each hashed in, then every word mixed into every other, each hashmix with the next of a
-# fixed sequence of multipliers). The (seed, epoch) part is the same for a whole epoch: cached.
-_M32 = 0xFFFFFFFF
-_HASH_A = [0x43B0D7E5]
-for _ in range(16):
-    _HASH_A.append(_HASH_A[-1] * 0x931E8875 & _M32)
-_HASH_B = [0x8B51F9DD, 0x8B51F9DD * 0x58F38DED & _M32, 0x8B51F9DD * 0x58F38DED ** 2 & _M32]
-
-
-def _hashmix(v, k):  # SeedSequence's k-th hashmix call
-    v = (v ^ _HASH_A[k]) * _HASH_A[k + 1] & _M32
-    return v ^ v >> 16
-
-
-def _mix(x, y):
-    r = (0xCA01F9DD * x - 0x4973F715 * y) & _M32
-    return r ^ r >> 16
-
-
-@functools.lru_cache(maxsize=64)
-def _seed3_prefix(seed, epoch):
-    m0, m1, m3 = _hashmix(seed, 0), _hashmix(epoch, 1), _hashmix(0, 3)
-    m1 = _mix(m1, _hashmix(m0, 4))
-    c5 = _hashmix(m0, 5)
-    m3 = _mix(m3, _hashmix(m0, 6))
-    m0 = _mix(m0, _hashmix(m1, 7))
-    c8 = _hashmix(m1, 8)
-    return m0, m1, _mix(m3, _hashmix(m1, 9)), c5, c8
-
-
-def _seed3(seed, epoch, i):
-    m0, m1, m3, c5, c8 = _seed3_prefix(seed, epoch)
-    m2 = _mix(_mix(_hashmix(i, 2), c5), c8)
-    m0, m1, m3 = _mix(m0, _hashmix(m2, 10)), _mix(m1, _hashmix(m2, 11)), _mix(m3, _hashmix(m2, 12))
-    m0, m1 = _mix(m0, _hashmix(m3, 13)), _mix(m1, _hashmix(m3, 14))
-    w0 = (m0 ^ _HASH_B[0]) * _HASH_B[1] & _M32
-    w1 = (m1 ^ _HASH_B[1]) * _HASH_B[2] & _M32
-    return ((w0 ^ w0 >> 16) | (w1 ^ w1 >> 16) << 32) >> 1
-
-
-# -- the views' numbers, read from torch's generator in Python (--device-crop's loader) ---------
-# torch's CPU generator is an MT19937 that manual_seed(s) seeds with s's low 32 bits, as numpy's
-# legacy seeding does: the same 32-bit words. Each draw turns words into a number by fixed
-# arithmetic (ATen's TransformationHelper.h): rand (float32): (w & 2^24-1) 2^-24; uniform_(a, b)
-# (float32): x (b - a) + a, fused, rounded once to float32, b itself turned into a; rand
-# (float64): 53 bits of two words,
-# the first high; randint(0, n): w mod n; randperm(4): three words, a swap each. Doing that here
-# draws the same numbers as the torch calls (tests/test_data.py, seed for seed) without their
-# per-call overhead, and leaves torch's generator alone (no fork_rng). Only exp stays a torch
-# call: its float32 rounding is the library's. Module state (the generator, exp's tensor): one
-# thread draws per process, as in the loader's workers and a worker-less main process.
-_MT = np.random.MT19937()
-_MT_SEED = np.random.RandomState(_MT).seed  # legacy seeding: manual_seed's state
-_F32 = struct.Struct("<f")
-_EXP = torch.empty(1)  # RandomResizedCrop's exp_ on a 1-element float32 tensor
-_M53 = (1 << 53) - 1
-
-
-def _f32(v):
-    return _F32.unpack(_F32.pack(v))[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _uniform_range(lo, hi):
-    """uniform_(lo, hi) on float32: (a, b - a, b) as the kernel holds them (float32)."""
-    a, b = np.float32(lo), np.float32(hi)
-    return float(a), float(b - a), float(b)
-
-
-def _uniform32(word, a, d, b):
-    """torch's float32 uniform_(a, b) (d = b - a in float32) from its word: fused x d + a,
-    rounded once; a result that rounded up to b is a (ATen's uniform_kernel)."""
-    p = (word & 0xFFFFFF) * 2.0 ** -24 * d  # exact in float64 (24 x 24 bits)
-    s = p + a
-    r = _f32(s)
-    if s != r:  # s rounded (float64) and then to float32: equal to one rounding unless s fell
-        t = 2 * s - r  # on a float32 midpoint (then t, the other neighbour, is a float32)
-        if t != r and _f32(t) == t:
-            bv = s - p
-            err = (p - (s - bv)) + (a - bv)  # TwoSum: exact = s + err
-            if err and (err > 0) == (t > s):
-                r = t
-    return a if r == b else r
-
-
 class _Probe:
     """Photometric.sample's draws, both ways (the self-check below)."""
 
@@ -722,14 +587,14 @@ class _Probe:
 
 @functools.lru_cache(maxsize=1)
 def _words_agree():
-    """Once per process: _draw_views equals the torch calls on 64 seeds (a torch whose kernels
+    """Once per process: draw_views equals the torch calls on 64 seeds (a torch whose kernels
     draw otherwise keeps the torch calls: the numbers never change, only their cost)."""
     views = [View(24, (0.08, 1.0), photometric=_Probe()), View(24, (0.9, 1.0), (0.5, 2.0), 0.3)]
     for seed in range(64):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(seed, 1, 2))
             want = [v.draw_params((40, 300)) for v in views]
-        got = _draw_views(views, (40, 300), sample_seed(seed, 1, 2))
+        got = draw_views(views, (40, 300), sample_seed(seed, 1, 2))
         if any(not torch.equal(a[0], b[0]) or a[1] != b[1] or
                (a[2] is not None and not torch.equal(a[2], b[2])) for a, b in zip(want, got)):
             return False
@@ -737,53 +602,14 @@ def _words_agree():
 
 
 def _fast_views(views):
-    """Whether _draw_views can draw these views: plain Views (no further geometric ops, no
+    """Whether draw_views can draw these views: plain Views (no further geometric ops, no
     draw_params of their own) whose photometric ops are a description with `vector` or none
     drawn, default dtype float32 (crop_box's tensors), and this torch's kernels draw as
-    _draw_views reads them (_words_agree)."""
+    draw_views reads them (_words_agree)."""
     return torch.get_default_dtype() == torch.float32 and all(
         type(v).draw_params is View.draw_params and v.geometric is None
         and (not hasattr(v.photometric, "sample") or hasattr(v.photometric, "vector"))
         for v in views) and _words_agree()
-
-
-def _draw_views(views, size, seed):
-    """[View.draw_params(size) for v in views] after torch's manual_seed(seed), the same
-    numbers (crop_box, the flip, Photometric.sample), drawn from the generator's words here."""
-    height, width = size
-    area = height * width
-    _MT_SEED(seed & _M32)
-    w, k, out = _MT.random_raw(26 * len(views) + 8).tolist(), 0, []
-    for v in views:
-        scale = _uniform_range(*v.scale)
-        log_ratio = _uniform_range(*_log_ratio(tuple(v.ratio)))
-        for _ in range(10):
-            if len(w) - k < 26:  # a try, a box, a flip, a photometric vector
-                w += _MT.random_raw(64).tolist()
-            target = area * _uniform32(w[k], *scale)
-            aspect = _EXP.fill_(_uniform32(w[k + 1], *log_ratio)).exp_().item()
-            k += 2
-            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < cw <= width and 0 < ch <= height:
-                top, left = w[k] % (height - ch + 1), w[k + 1] % (width - cw + 1)
-                k += 2
-                break
-        else:
-            top, left, ch, cw = _centre_box(height, width, v.ratio)
-        flip = (w[k] & 0xFFFFFF) * 2.0 ** -24 < v.flip_p
-        k += 1
-        params = None
-        if hasattr(v.photometric, "sample"):  # rand(9, float64), randperm(4)
-            u = [((w[j] << 32 | w[j + 1]) & _M53) * 2.0 ** -53 for j in range(k, k + 18, 2)]
-            order = [0, 1, 2, 3]
-            for j in range(3):
-                z = j + w[k + 18 + j] % (4 - j)
-                order[j], order[z] = order[z], order[j]
-            k += 21
-            params = v.photometric.vector(u, order)
-        box = torch.from_numpy(np.array((left, top, left + cw, top + ch), dtype=np.float32))
-        out.append((box, flip, params, None))
-    return out
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
@@ -844,13 +670,13 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def draw_params(self, tile, i):
         """--device-crop: augment()'s random numbers for the stored tile (H, W, 3) (a view of
         the store: its shape is all this needs), the same numbers augment() draws, without
-        pixels: {"boxes", "flips", "photo", "geo"}. Plain Views take _draw_views (the torch
+        pixels: {"boxes", "flips", "photo", "geo"}. Plain Views take draw_views (the torch
         generator's words read in Python: a fraction of the torch calls' cost, torch's RNG
         untouched); others the torch calls under fork_rng. A method whose augment() builds
         more per sample (a reference box, masks) extends this in its own file too."""
         seed = sample_seed(self.seed, self.epoch, i)
         if _fast_views(self.views):  # the same numbers, read from the generator's words here
-            out = _draw_views(self.views, tile.shape[:2], seed)
+            out = draw_views(self.views, tile.shape[:2], seed)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)

@@ -8,6 +8,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from common import data as cdata
+from common import draws
 
 
 def save(path, array, **kw):
@@ -258,8 +259,8 @@ def test_float32_uniform_from_the_generator_words_equals_torch(lo, hi):
     np.random.RandomState(mt).seed(11)
     words = mt.random_raw(n).tolist()
     want = torch.empty(n).uniform_(lo, hi, generator=torch.Generator().manual_seed(11)).tolist()
-    rng = cdata._uniform_range(lo, hi)
-    assert [cdata._uniform32(w, *rng) for w in words] == want
+    rng = draws._uniform_range(lo, hi)
+    assert [draws._uniform32(w, *rng) for w in words] == want
 
 
 def _torch_draws(views, size, seed):
@@ -329,8 +330,8 @@ def test_views_the_words_cannot_draw_take_the_torch_calls(monkeypatch):
     want = _torch_draws([v, geo], (40, 40), cdata.sample_seed(1, 0, 5))
     assert torch.equal(got["geo"][1], want[1][3]) and torch.equal(got["boxes"][0], want[0][0])
     assert cdata._words_agree()
-    real = cdata._uniform32
-    monkeypatch.setattr(cdata, "_uniform32", lambda w, *r: real(w ^ 0x800000, *r))
+    real = draws._uniform32
+    monkeypatch.setattr(draws, "_uniform32", lambda w, *r: real(w ^ 0x800000, *r))
     cdata._words_agree.cache_clear()
     try:
         assert not cdata._words_agree() and not cdata._fast_views([v, v])
