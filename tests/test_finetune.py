@@ -19,11 +19,11 @@ def metrics(path):
 
 
 def test_short_finetune_learns(tmp_path):
-    # 80 steps of 2 fields from a random ResNet-18, at a 96 px test edge (128 px, as before,
-    # costs ~1.8x the pixels; it had reached AP50 70-95). lr 0.16 at batch 16 is the paper's 0.02 after linear scaling
-    # to batch 2. A model that learned nothing scores AP50 near 0 (an untrained one: 0-5); this
-    # one measured box AP50 93.9, mask AP50 94.5, loss 2.67 -> 1.52 (0.57x) over the 4 windows.
-    run_script("finetune_maskrcnn.py", "--data", "demo", "--img-size", "96", "--batch-size", "2",
+    # 80 steps of 2 fields from a random ResNet-18 (about 2 minutes on 2 cores). lr 0.16 at batch
+    # 16 is the paper's 0.02 after linear scaling to batch 2. A model that learned nothing scores
+    # AP50 near 0 (an untrained one: 0-5); this reaches about 70-95. (96 px fields were tried:
+    # no faster, as the heads' cost is per RoI, not per pixel.)
+    run_script("finetune_maskrcnn.py", "--data", "demo", "--img-size", "128", "--batch-size", "2",
                "--max-iters", "80", "--lr", "0.16", "--precise-bn", "10", "--runs", "1",
                "--workers", "1", "--vis", "2", "--output-dir", tmp_path, env={"OMP_NUM_THREADS": "2"})
     m = metrics(tmp_path / "run0" / "metrics.json")
