@@ -12,10 +12,30 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 
+_PORTS = {}
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a torchrun rendezvous or a process group, free now. The suite runs on two
+    pytest-xdist workers (pytest.ini), so a port the OS picked and released could be taken by the
+    other worker's processes before it is bound again. Instead: below Linux's ephemeral range
+    (32768-60999: no outgoing connection takes it meanwhile), each worker from its own block of
+    2,000, starting at an offset of the process id (a second pytest run elsewhere starts
+    elsewhere), the next port in turn that binds now."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    n = int(worker[2:]) % 10 if worker[2:].isdigit() else 0
+    if n not in _PORTS:
+        _PORTS[n] = os.getpid() % 2000
+    for _ in range(2000):
+        _PORTS[n] = (_PORTS[n] + 1) % 2000
+        port = 12000 + 2000 * n + _PORTS[n]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {12000 + 2000 * n}-{12000 + 2000 * n + 1999}")
 
 
 def run_script(*argv, nproc=1, timeout=600, check=True, env=None):
