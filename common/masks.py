@@ -326,14 +326,13 @@ def _pack_one(i):
 
 def pack_maps(store, scale, min_size, workers, sigma=0.8):
     """Pack (or finish packing) the FH maps of every tile of `store` -> the maps' path."""
-    import multiprocessing
     import shutil
     import time
 
     from tqdm import tqdm
 
     from common import data as cdata
-    from common.store import SAVE_EVERY_S, _save_progress
+    from common.store import _save_progress, fill
     tiles = cdata.StoreTiles(store)
     maps, index_path, partial = pack_paths(store, scale, min_size)
     n, h, w = tiles.shape[:3]
@@ -401,28 +400,9 @@ def pack_maps(store, scale, min_size, workers, sigma=0.8):
           f"{maps.name}, {len(todo)} to compute with {max(workers, 1)} processes", flush=True)
     bar = tqdm(total=n, initial=n - len(todo), unit="map", desc=f"packing {maps.name}",
                dynamic_ncols=True, file=sys.stdout, disable=not todo)
-    t0, cpu0, t_saved = time.perf_counter(), _cpu(), time.monotonic()
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_pack, (job,)) \
-        if workers > 1 else None
-    try:
-        if pool is None:
-            _init_pack(job)
-            results = map(_pack_one, todo)
-        else:
-            results = pool.imap_unordered(_pack_one, todo, chunksize=8)
-        for i, c in results:
-            crc[i] = c
-            bar.update(1)
-            if time.monotonic() - t_saved > SAVE_EVERY_S:  # the maps first, then the record
-                mm.flush()
-                _save_progress(partial, crc)
-                t_saved = time.monotonic()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-        mm.flush()
-        _save_progress(partial, crc)
+    t0, cpu0 = time.perf_counter(), _cpu()
+    # fill() forks with processes > 0; one worker is this process, as before
+    fill(mm, crc, todo, partial, _pack_one, _init_pack, job, workers if workers > 1 else 0, 8, bar)
     del mm
     dt, cpu = time.perf_counter() - t0, _cpu() - cpu0
     with open(partial / "index.json", "w") as f:
@@ -463,7 +443,6 @@ def _fill(i):
 
 
 def precompute(argv=None):
-    import argparse
     import multiprocessing
     import time
 

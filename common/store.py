@@ -120,10 +120,38 @@ def _save_progress(partial, crc):
     os.replace(tmp, partial / "progress.npy")
 
 
+def fill(mm, crc, todo, partial, work, init, job, workers, chunksize, bar):
+    """The resumable parallel fill of a pack (tiles here, FH maps in common.masks): `work(i)` ->
+    (i, CRC-32 of the entry it wrote into the memory map `mm`) for every i in todo, in `workers`
+    forked processes set up by init(job) (none: in this one); the CRCs land in crc (-1: not yet),
+    and the entries, then the record of which are done, are flushed every SAVE_EVERY_S and at the
+    end, also when interrupted: a rerun continues where this stopped."""
+    import multiprocessing
+    t_saved = time.monotonic()
+    pool = multiprocessing.get_context("fork").Pool(workers, init, (job,)) if workers > 0 else None
+    try:
+        if pool is None:
+            init(job)
+            results = map(work, todo)
+        else:
+            results = pool.imap_unordered(work, todo, chunksize=chunksize)
+        for i, c in results:
+            crc[i] = c
+            bar.update(1)
+            if time.monotonic() - t_saved > SAVE_EVERY_S:  # the entries first, then the record
+                mm.flush()
+                _save_progress(partial, crc)
+                t_saved = time.monotonic()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+        mm.flush()
+        _save_progress(partial, crc)
+
+
 def pack(args):
     """Pack (or finish packing) args.out; -> the store's path."""
-    from multiprocessing import get_context
-
     from tqdm import tqdm
     out = Path(args.out)
     p = plan(args)
@@ -174,27 +202,7 @@ def pack(args):
     workers = min(args.workers, os.cpu_count() or 1)
     bar = tqdm(total=n, initial=n - len(todo), unit="tile", desc=f"packing {out.name}",
                dynamic_ncols=True, file=sys.stdout, disable=not todo)
-    t_saved = time.monotonic()
-    pool = get_context("fork").Pool(workers, _init, (job,)) if workers > 0 else None
-    try:
-        if pool is None:
-            _init(job)
-            results = map(_decode, todo)
-        else:
-            results = pool.imap_unordered(_decode, todo, chunksize=32)
-        for i, c in results:
-            crc[i] = c
-            bar.update(1)
-            if time.monotonic() - t_saved > SAVE_EVERY_S:  # the tiles first, then the record
-                mm.flush()
-                _save_progress(partial, crc)
-                t_saved = time.monotonic()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-        mm.flush()
-        _save_progress(partial, crc)
+    fill(mm, crc, todo, partial, _decode, _init, job, workers, 32, bar)
     del mm
     index = {**p, "crc32": crc.tolist()}
     with open(partial / "index.json", "w") as f:
