@@ -142,7 +142,8 @@ def _node_header_errors(paths):
             errors = list(tqdm(pool.map(_header_error, paths, chunksize=64), total=len(paths),
                                desc="checking image headers", disable=len(paths) < 5000,
                                leave=False, file=sys.stdout))
-    if cdist.is_dist():  # the node's local rank 0, found by host name (whatever the numbering)
+    if cdist.is_dist():  # the node's local rank 0, found by host name (whatever the numbering;
+        # containers that give every node the same host name would need another node key)
         import socket
         found = [None] * cdist.get_world_size()
         mine = {i: e for i, e in enumerate(errors) if e is not None} if local == 0 else None
@@ -378,9 +379,10 @@ class StoreTiles(torch.utils.data.Dataset):
     @property
     def tiles(self):
         if self._tiles is None:  # opened in each process (a memmap must not be pickled)
-            # copy-on-write: a tile is a writable array (torch.from_numpy without a copy) whose
-            # writes would land in a private page, never in the file (opened read-only)
-            self._tiles = np.memmap(self.path / "tiles.u8", np.uint8, "c", shape=self.shape)
+            # read-only, shared: a copy-on-write ("c") map would be a private writable mapping,
+            # which Linux charges in full to every process (an NCT store of 15 GB in each rank
+            # and loader worker; a store larger than RAM + swap cannot even be opened)
+            self._tiles = np.memmap(self.path / "tiles.u8", np.uint8, "r", shape=self.shape)
         return self._tiles
 
     def __getstate__(self):
@@ -639,8 +641,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
         if self.device_crop:  # the tile as stored and the views' numbers; pixels on the device
             tile = self.base.tile(i)
             sample = self.draw_params(tile, i)
-            # a copy-on-write map goes to collate's stack as it is (one copy per batch, from
-            # the page cache); a read-only one is copied here (torch needs a writable array)
+            # the store's read-only map is copied here (torch takes writable arrays only); a
+            # writable array would go to collate's stack as it is
             tile = torch.from_numpy(tile if tile.flags.writeable else np.array(tile))
             sample.update(tile=tile, label=self.base.targets[i], index=i, skipped=0)
             return sample

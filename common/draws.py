@@ -130,6 +130,11 @@ def _f32(v):
 
 
 @functools.lru_cache(maxsize=None)
+def _float32(p):
+    return float(np.float32(p))
+
+
+@functools.lru_cache(maxsize=None)
 def _uniform_range(lo, hi):
     """uniform_(lo, hi) on float32: (a, b - a, b) as the kernel holds them (float32)."""
     a, b = np.float32(lo), np.float32(hi)
@@ -175,7 +180,7 @@ def draw_views(views, size, seed):
                 break
         else:
             top, left, ch, cw = _centre_box(height, width, v.ratio)
-        flip = (w[k] & 0xFFFFFF) * 2.0 ** -24 < v.flip_p
+        flip = (w[k] & 0xFFFFFF) * 2.0 ** -24 < _float32(v.flip_p)  # torch compares in float32
         k += 1
         params = None
         if hasattr(v.photometric, "sample"):  # rand(9, float64), randperm(4)

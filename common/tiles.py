@@ -146,11 +146,10 @@ def prepare_out(out, options):
             raise DataError(f"OUT {out} is not empty and holds no {RECORD} of an earlier "
                             "`python -m common.tiles` cut; choose a new or empty folder") from None
         n = sum(1 for f in out.rglob("*") if f.is_file() and f.name != RECORD)
-        if old != options:
-            changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in options.items()
-                                if old.get(k) != v)
-            print(f"{out} held an earlier cut with other options ({changed}): its {n} files "
-                  "removed")
+        changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in options.items()
+                            if old.get(k) != v)
+        print(f"{out} held an earlier cut" + (f" with other options ({changed})" if changed
+                                               else "") + f": its {n} file{'s' * (n != 1)} removed")
         for e in entries:
             shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
     out.mkdir(parents=True, exist_ok=True)

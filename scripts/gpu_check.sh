@@ -26,7 +26,7 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$PY" scripts/gpu_check.py "$OUT" "$@"
 rc=$?
-if [ "${1:-}" != "--cpu" ]; then  # the device crop (issue 25); tests/test_crop.py runs its --cpu mode
+if [[ " $* " != *" --cpu "* ]]; then  # the device crop (issue 25); tests/test_crop.py runs its --cpu mode
   "$PY" scripts/gpu_check_crop.py --json "$OUT/gpu_check_crop.json" 2>&1 | tee "$OUT/gpu_check_crop.log"
   crop_rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] && rc=$crop_rc

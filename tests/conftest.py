@@ -12,7 +12,9 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 
-_PORTS = {}
+# One counter per worker process, though tests import this file both as `conftest` and as
+# `tests.conftest` (two module objects): it lives on a module of its own.
+_PORTS = sys.modules.setdefault("_free_port_counters", type(sys)("_free_port_counters")).__dict__
 
 
 def free_port():
@@ -90,7 +92,8 @@ def one_thread():
 
 # moco.py on two processes (gloo), 3 epochs of 2 steps, uninterrupted: the reference that both
 # test_cluster's SIGTERM test and test_moco_runs' two-process resume test must reproduce (one
-# torchrun run for the two; the monitor runs after the last epoch, as by default)
+# torchrun run for the two when they share a pytest-xdist worker, one per worker otherwise; the
+# monitor runs after the last epoch, as by default)
 MOCO_TWO = ["moco.py", "--data", "demo", "--demo-size", "16", "--img-size", "32", "--queue-size",
             "64", "--batch-size", "4", "--epochs", "3", "--workers", "1"]
 

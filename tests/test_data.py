@@ -340,9 +340,8 @@ def test_views_the_words_cannot_draw_take_the_torch_calls(monkeypatch):
 
 
 def test_device_crop_hands_a_writable_tile_to_collate_uncopied():
-    """--device-crop's sample: a writable tile (the store's copy-on-write map) is the sample's
-    tile itself (collate's stack is the one copy); a read-only one is copied (torch cannot take
-    it), with the same pixels either way; the collated batch equals the tiles."""
+    """--device-crop's sample: a writable tile is the sample's tile itself (collate's stack is
+    the one copy); a read-only one (the store's map) is copied (torch cannot take it), with the same pixels either way; the collated batch equals the tiles."""
     tiles = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
 
     class Base:
