@@ -32,6 +32,7 @@ import byol
 import densecl
 from common import cli
 from common import data as cdata
+from common.draws import centre_box
 from common import dist as cdist
 from common import pictures
 from common import train as ctrain
@@ -42,15 +43,6 @@ OVERLAP_TRIES, MIN_OVERLAP = 10, 0.01  # the released sampler's constants (docs/
 
 
 # ----------------------------------------------------------------------------- overlapping views
-def centre_box(width, height, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's own fallback: the whole image, or its largest centre crop whose
-    aspect ratio is within `ratio` (a square NCT tile: the whole tile). -> (x0, y0, x1, y1)."""
-    w = round(height * ratio[1]) if width / height > ratio[1] else width
-    h = round(width / ratio[0]) if width / height < ratio[0] else height
-    left, top = (width - w) // 2, (height - h) // 2
-    return (left, top, left + w, top + h)
-
-
 def draw_crop(width, height, scale, ratio):
     """One attempt of RandomResizedCrop, torchvision's draws in its order -> (box (x0, y0, x1,
     y1) or None when the drawn size does not fit the image, the drawn target area)."""
@@ -77,7 +69,8 @@ def overlapping_crops(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
             iw, ih = (min(b1[k + 2], b2[k + 2]) - max(b1[k], b2[k]) for k in (0, 1))
             if iw > 0 and ih > 0 and iw * ih >= MIN_OVERLAP * target:
                 return b1, b2
-    c = centre_box(width, height, ratio)
+    top, left, h, w = centre_box(height, width, ratio)  # RandomResizedCrop's own fallback
+    c = (left, top, left + w, top + h)
     return c, c
 
 

@@ -31,10 +31,10 @@ def crop_box(height, width, scale, ratio):
         if 0 < w <= width and 0 < h <= height:
             top = torch.randint(0, height - h + 1, size=(1,)).item()
             return top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w
-    return _centre_box(height, width, ratio)
+    return centre_box(height, width, ratio)
 
 
-def _centre_box(height, width, ratio):
+def centre_box(height, width, ratio):
     """RandomResizedCrop after ten misses: the centred crop of the aspect ratio clamped to the
     range (no draws)."""
     if width / height < min(ratio):
@@ -179,7 +179,7 @@ def draw_views(views, size, seed):
                 k += 2
                 break
         else:
-            top, left, ch, cw = _centre_box(height, width, v.ratio)
+            top, left, ch, cw = centre_box(height, width, v.ratio)
         flip = (w[k] & 0xFFFFFF) * 2.0 ** -24 < _float32(v.flip_p)  # torch compares in float32
         k += 1
         params = None
